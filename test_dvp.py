@@ -1,0 +1,392 @@
+"""Tests as a specification of dvp.py (and, at the end, of the training loop in train.py).
+
+Every property is checked against a plain reference computation written out in the test.
+Run with `make test`.
+"""
+import ast
+import itertools
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dvp
+
+HERE = Path(__file__).resolve().parent
+
+
+def rand_logits(*shape, scale=3.0, seed=0, dtype=torch.float64):
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def naive_pruned(z, tokens, min_p):
+    """Reference: renormalise softmax over {a : p_a >= min_p * p_max}, written in probability space."""
+    p = z.double().softmax(-1)
+    keep = p >= min_p * p.amax(-1, keepdim=True)
+    p_S = torch.where(keep, p, 0.0) / torch.where(keep, p, 0.0).sum(-1, keepdim=True)
+    tok = tokens[..., None]
+    return p_S.gather(-1, tok).squeeze(-1).log(), keep.gather(-1, tok).squeeze(-1), 1 - torch.where(keep, p, 0.0).sum(-1)
+
+
+# --- the rule -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("min_p", [0.0, 1e-4, 1e-2, 0.3, 1.0])
+def test_safe_mask_equals_probability_space_definition(min_p):
+    z = rand_logits(64, 500)
+    p = z.softmax(-1)
+    expected = p >= min_p * p.amax(-1, keepdim=True)
+    got = dvp.safe_mask(z, min_p)
+    assert got.dtype == torch.bool and got.shape == z.shape
+    assert torch.equal(got, expected), f"{(got != expected).sum()} positions disagree at min_p={min_p}"
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.5, 1.0])
+def test_argmax_is_always_kept(min_p):
+    z = rand_logits(4, 7, 300, seed=1)
+    keep = dvp.safe_mask(z, min_p)
+    assert keep.gather(-1, z.argmax(-1, keepdim=True)).all(), "the argmax must always be in the safe set"
+    assert (keep.sum(-1) >= 1).all()
+
+
+def test_min_p_zero_keeps_every_token():
+    assert dvp.safe_mask(rand_logits(8, 100, scale=30.0), 0.0).all()
+
+
+def test_safe_mask_has_no_gradient():
+    z = rand_logits(3, 10).requires_grad_()
+    assert not dvp.safe_mask(z, 0.1).requires_grad
+
+
+# --- pruned log-probs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("min_p", [0.0, 1e-3, 0.05, 0.5])
+def test_pruned_logprobs_match_naive_reference(min_p):
+    z = rand_logits(2, 30, 200, seed=2)
+    tokens = torch.multinomial(z.view(-1, 200).softmax(-1), 1, generator=torch.Generator().manual_seed(0)).view(2, 30)
+    out = dvp.pruned_logprobs(z, tokens, min_p)
+    ref_logp, ref_in, ref_eps = naive_pruned(z, tokens, min_p)
+    assert torch.equal(out.in_set, ref_in)
+    torch.testing.assert_close(out.logp[ref_in], ref_logp[ref_in], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.pruned_mass, ref_eps, rtol=1e-8, atol=1e-12)
+    assert out.logp.shape == out.in_set.shape == out.pruned_mass.shape == tokens.shape
+
+
+@pytest.mark.parametrize("min_p", [1e-3, 0.1])
+def test_renormalised_probabilities_sum_to_one_over_safe_set(min_p):
+    N, V = 6, 40
+    z = rand_logits(N, V, seed=3)
+    every_token = torch.arange(V).expand(N, V)
+    out = dvp.pruned_logprobs(z[:, None, :].expand(N, V, V), every_token, min_p)   # (N, V)
+    total = torch.where(out.in_set, out.logp.exp(), 0.0).sum(-1)
+    torch.testing.assert_close(total, torch.ones(N, dtype=total.dtype), rtol=0, atol=1e-12)
+    assert torch.equal(out.in_set, dvp.safe_mask(z, min_p))
+
+
+def test_min_p_zero_reproduces_plain_log_softmax():
+    z = rand_logits(50, 300, seed=4)
+    tokens = torch.randint(0, 300, (50,), generator=torch.Generator().manual_seed(1))
+    out = dvp.pruned_logprobs(z, tokens, 0.0)
+    torch.testing.assert_close(out.logp, z.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
+    assert out.in_set.all() and (out.pruned_mass == 0).all()
+
+
+def test_equals_plain_reinforce_when_min_p_is_zero():
+    B, T, V = 6, 9, 80
+    z1 = rand_logits(B, T, V, seed=5, dtype=torch.float32).requires_grad_()
+    z2 = z1.detach().clone().requires_grad_()
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) > 0.3
+    A = dvp.grpo_advantages(torch.rand(B, generator=torch.Generator().manual_seed(4)), group_size=3)
+    out = dvp.pruned_logprobs(z1, tokens, 0.0)
+    loss = dvp.grpo_loss(out.logp, A, mask & out.in_set)
+    plain_logp = z2.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    plain = -(A[:, None] * plain_logp * mask).sum() / mask.sum()           # textbook REINFORCE
+    loss.backward(), plain.backward()
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(z1.grad, z2.grad)
+
+
+def test_gradient_is_onehot_minus_pruned_policy():
+    z = rand_logits(5, 30, seed=6).requires_grad_()
+    tokens = z.argmax(-1)
+    dvp.pruned_logprobs(z, tokens, 0.05).logp.sum().backward()
+    _, keep, _ = naive_pruned(z.detach(), tokens, 0.05)
+    p = z.detach().softmax(-1)
+    keep = p >= 0.05 * p.amax(-1, keepdim=True)
+    p_S = torch.where(keep, p, 0.0) / torch.where(keep, p, 0.0).sum(-1, keepdim=True)
+    torch.testing.assert_close(z.grad, F.one_hot(tokens, 30).double() - p_S)
+
+
+def test_gradcheck_float64():
+    z = rand_logits(7, 23, seed=7).requires_grad_()
+    tokens = torch.randint(0, 23, (7,), generator=torch.Generator().manual_seed(5))
+    assert torch.autograd.gradcheck(lambda x: dvp.pruned_logprobs(x, tokens, 0.02).logp, (z,))
+    h = rand_logits(6, 5, scale=1.0, seed=8).requires_grad_()
+    w = rand_logits(23, 5, scale=1.0, seed=9).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: dvp.pruned_logprobs_from_hidden(a, b, tokens[:6], 0.02, chunk_size=4).logp, (h, w))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1000])
+def test_block_size_does_not_change_values_or_gradients(rows, monkeypatch):
+    z = rand_logits(2, 11, 97, seed=10, dtype=torch.float32)
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(6))
+    def run():
+        x = z.clone().requires_grad_()
+        out = dvp.pruned_logprobs(x, tokens, 0.01)
+        (out.logp * torch.linspace(-1, 1, 22).view(2, 11)).sum().backward()
+        return out, x.grad
+    ref, ref_grad = run()
+    monkeypatch.setattr(dvp, "_block_rows", lambda V, device: rows)
+    got, got_grad = run()
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), "results must not depend on the block size"
+    assert torch.equal(ref_grad, got_grad)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_hidden_state_variant_equals_full_logits(chunk_size):
+    B, T, D, V = 3, 8, 16, 120
+    h1 = rand_logits(B, T, D, scale=1.0, seed=11, dtype=torch.float32).requires_grad_()
+    w1 = rand_logits(V, D, scale=0.5, seed=12, dtype=torch.float32).requires_grad_()
+    h2, w2 = h1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(7))
+    g = torch.randn(B, T, generator=torch.Generator().manual_seed(8))
+    full = dvp.pruned_logprobs(h1 @ w1.T, tokens, 0.01)
+    chunked = dvp.pruned_logprobs_from_hidden(h2, w2, tokens, 0.01, chunk_size=chunk_size)
+    (full.logp * g).sum().backward(), (chunked.logp * g).sum().backward()
+    assert torch.equal(full.in_set, chunked.in_set)
+    torch.testing.assert_close(chunked.logp, full.logp)
+    torch.testing.assert_close(chunked.pruned_mass, full.pruned_mass)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+
+
+def test_bfloat16_logits_are_computed_in_float32():
+    z = rand_logits(20, 64, seed=13, dtype=torch.float32).bfloat16().requires_grad_()
+    tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(9))
+    out = dvp.pruned_logprobs(z, tokens, 0.01)
+    assert out.logp.dtype == torch.float32
+    ref_logp, ref_in, ref_eps = naive_pruned(z.detach().float(), tokens, 0.01)
+    assert torch.equal(out.in_set, ref_in)
+    torch.testing.assert_close(out.logp[ref_in].double(), ref_logp[ref_in], rtol=1e-5, atol=1e-5)
+    out.logp.sum().backward()
+    assert z.grad.dtype == torch.bfloat16 and torch.isfinite(z.grad).all()
+
+
+def test_out_of_set_tokens_never_produce_inf_or_nan():
+    z = rand_logits(4, 10, 50, seed=14).requires_grad_()
+    tokens = z.argmin(-1)                                   # surely outside the safe set at 0.1
+    out = dvp.pruned_logprobs(z, tokens, 0.1)
+    assert not out.in_set.any()
+    assert torch.isfinite(out.logp).all(), "logp must stay finite where the token is not in the set"
+    assert (out.logp < math.log(0.1)).all(), "out-of-set logp = z_a - lse_S lies below log(min_p)"
+    A = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    loss = dvp.grpo_loss(out.logp, A, mask & out.in_set, old_logp=out.logp.detach() - 5.0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(z.grad).all() and (z.grad == 0).all()
+    # even -inf log-probs (another trainer's convention) must not leak through the mask
+    bad = torch.full((4, 10), -math.inf, dtype=torch.float64, requires_grad=True)
+    loss = dvp.grpo_loss(bad, A, torch.zeros(4, 10, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(bad.grad).all()
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan():
+    logp = torch.randn(3, 5, requires_grad=True)
+    loss = dvp.grpo_loss(logp, torch.ones(3), torch.zeros(3, 5, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and (logp.grad == 0).all()
+
+
+# --- the per-token mismatch bound and the sequence-level bias bound --------------------------
+
+@pytest.mark.parametrize("delta", [0.01, 0.1, 1.0])
+def test_mismatch_bound_holds_for_every_token(delta):
+    z = rand_logits(200, 1000, seed=15)
+    e = delta * (2 * torch.rand(z.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64) - 1)
+    log_pi, log_mu = z.log_softmax(-1), (z + e).log_softmax(-1)
+    gap = (log_mu - log_pi).abs()
+    bound = 2 * delta * (1 - torch.minimum(log_pi, log_mu).exp())
+    assert (gap <= bound + 1e-12).all(), f"max gap/bound = {(gap / bound).max():.4f} > 1"
+    assert (gap / bound).max() > 0.5, "the bound should not be vacuous on this example"
+
+
+def _enumerate(V, T, seed, scale):
+    """A tiny autoregressive model: one random logit vector per prefix. Returns every sequence
+    (V**T, T) and the logits at each of its steps (V**T, T, V)."""
+    g = torch.Generator().manual_seed(seed)
+    table = {}
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))
+    logits = torch.empty(len(seqs), T, V, dtype=torch.float64)
+    for i, y in enumerate(seqs.tolist()):
+        for t in range(T):
+            prefix = tuple(y[:t])
+            if prefix not in table:
+                table[prefix] = scale * torch.randn(V, generator=g, dtype=torch.float64)
+            logits[i, t] = table[prefix]
+    return seqs, logits
+
+
+@pytest.mark.parametrize("seed,min_p", [(0, 0.05), (1, 0.2), (2, 0.01), (3, 0.5)])
+def test_bias_bound_holds_exactly_on_an_enumerated_model(seed, min_p):
+    V, T = 4, 4
+    seqs, z = _enumerate(V, T, seed, scale=2.5)
+    R_min, R_max = -1.0, 2.0
+    R = R_min + (R_max - R_min) * torch.rand(len(seqs), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    mask = torch.ones(len(seqs), T, dtype=torch.bool)
+    plain = dvp.pruned_logprobs(z, seqs, 0.0)
+    pruned = dvp.pruned_logprobs(z, seqs, min_p)
+    P = plain.logp.sum(-1).exp()                                            # P_pi(y), exact
+    P_S = torch.where(pruned.in_set, pruned.logp, -math.inf).sum(-1).exp()  # P_{pi_S}(y), exact
+    torch.testing.assert_close(P.sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(P_S.sum(), torch.tensor(1.0, dtype=torch.float64))
+    J, J_S = (P * R).sum(), (P_S * R).sum()
+    per_seq = dvp.bias_bound(pruned.pruned_mass, mask, reward_range=R_max - R_min)
+    bound = (P_S * per_seq).sum()                                           # E_{y ~ pi_S}[...]
+    tv = 0.5 * (P - P_S).abs().sum()
+    assert (J_S - J).abs() <= bound + 1e-12, f"|J_S - J| = {(J_S - J).abs():.4g} > bound {bound:.4g}"
+    assert tv <= bound / (R_max - R_min) + 1e-12, f"TV {tv:.4g} exceeds E[sum_t eps]"
+    assert bound < R_max - R_min, "the bound must say more than the trivial |J_S - J| <= R_max - R_min"
+    worst = dvp.worst_case_bias_bound(pruned.pruned_mass, mask, reward_range=R_max - R_min)
+    assert bound <= worst + 1e-12
+
+
+def test_bias_bound_is_reward_range_times_masked_sum():
+    eps = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.5, 9.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    torch.testing.assert_close(dvp.bias_bound(eps, mask, reward_range=2.0), torch.tensor([0.6, 1.0]))
+    assert dvp.worst_case_bias_bound(eps, mask, reward_range=2.0) == pytest.approx(2.0 * 2 * 0.5)
+
+
+# --- GRPO pieces and the baseline corrections -------------------------------------------------
+
+def test_grpo_advantages_match_reference():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    A = dvp.grpo_advantages(r, group_size=4)
+    for g in range(2):
+        grp = r[4 * g:4 * g + 4]
+        torch.testing.assert_close(A[4 * g:4 * g + 4], (grp - grp.mean()) / (grp.std() + 1e-6))
+    assert (A[4:] == 0).all(), "a group with equal rewards carries no signal"
+
+
+def test_clipped_loss_has_the_reinforce_gradient_on_policy():
+    logp1 = torch.randn(4, 6, requires_grad=True)
+    logp2 = logp1.detach().clone().requires_grad_()
+    A, mask = torch.randn(4), torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) > 0.2
+    dvp.grpo_loss(logp1, A, mask).backward()
+    dvp.grpo_loss(logp2, A, mask, old_logp=logp2.detach()).backward()
+    torch.testing.assert_close(logp1.grad, logp2.grad)
+
+
+def test_clipped_loss_stops_the_gradient_outside_the_trust_region():
+    logp = torch.zeros(1, 2, requires_grad=True)
+    old = torch.tensor([[-1.0, -0.1]])                       # ratios e^1 (clipped) and e^0.1 (not)
+    dvp.grpo_loss(logp, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), old_logp=old).backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0
+
+
+def test_num_tokens_makes_micro_batches_add_up_to_the_full_batch():
+    logp, A = torch.randn(6, 5), torch.randn(6)
+    mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(1)) > 0.4
+    full = dvp.grpo_loss(logp, A, mask)
+    parts = sum(dvp.grpo_loss(logp[i:i + 2], A[i:i + 2], mask[i:i + 2], num_tokens=mask.sum()) for i in range(0, 6, 2))
+    torch.testing.assert_close(parts, full)
+
+
+def test_tis_weights_and_mis_mask_match_reference():
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.1, 0.1]]))
+    mu = torch.log(torch.tensor([[0.1, 0.4, 0.9], [0.1, 0.1, 0.9]]))
+    torch.testing.assert_close(dvp.tis_weights(logp, mu, cap=2.0), torch.tensor([[2.0, 0.5, 1.0], [1.0, 1.0, 1 / 9]]))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    # sequence ratios: 5 * 0.5 * 1 = 2.5 (kept at C=3), 1/9 (dropped)
+    assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, False]
+    mask[1, 2] = False                                                  # masked tokens do not count
+    assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, True]
+
+
+def test_mismatch_stats_match_reference():
+    g = torch.Generator().manual_seed(11)
+    logp = torch.log(torch.rand(5, 40, generator=g, dtype=torch.float64).clamp_min(1e-5))
+    mu = logp + 0.05 * torch.randn(5, 40, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 40, generator=g) > 0.2
+    in_set = torch.rand(5, 40, generator=g) > 0.1
+    eps = 0.01 * torch.rand(5, 40, generator=g, dtype=torch.float64)
+    s = dvp.mismatch_stats(logp, mu, mask, in_set, eps, reward_range=2.0)
+    ok = mask & in_set
+    r = (logp - mu)[ok]
+    assert s["mismatch_mean"] == pytest.approx(r.abs().mean().item())
+    assert s["mismatch_max"] == pytest.approx(r.abs().max().item())
+    assert s["kl_k3"] == pytest.approx((r.exp() - 1 - r).mean().item())
+    assert s["chi2"] == pytest.approx(((2 * r).exp().mean() - 1).item())
+    assert s["out_of_set_frac"] == pytest.approx((mask & ~in_set).sum().item() / mask.sum().item())
+    assert s["bias_bound"] == pytest.approx((2.0 * (eps * mask).sum(-1)).mean().item())
+    assert sum(s[k] for k in s if k.startswith("count_")) == ok.sum().item()
+    p = logp[ok].exp()
+    b = (p >= 0.1) & (p < 0.5)
+    assert s["gap_0.1_0.5"] == pytest.approx(r[b].abs().mean().item())
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("min_p", [-0.1, 1.5, float("nan"), "0.1"])
+def test_min_p_outside_unit_interval_is_rejected(min_p):
+    with pytest.raises(ValueError, match="min_p"):
+        dvp.safe_mask(torch.zeros(2, 3), min_p)
+    with pytest.raises(ValueError, match="min_p"):
+        dvp.pruned_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), min_p)
+
+
+def test_bad_shapes_and_token_ids_are_rejected():
+    z = torch.zeros(4, 10)
+    with pytest.raises(ValueError, match="shape"):
+        dvp.pruned_logprobs(z, torch.zeros(5, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        dvp.pruned_logprobs(z, torch.tensor([0, 1, 2, 10]), 0.1)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        dvp.pruned_logprobs(z, torch.tensor([0, -1, 2, 3]), 0.1)
+    with pytest.raises(ValueError, match="integer"):
+        dvp.pruned_logprobs(z, torch.zeros(4), 0.1)
+    with pytest.raises(ValueError, match="disagree"):
+        dvp.pruned_logprobs_from_hidden(torch.zeros(4, 3), torch.zeros(10, 5), torch.zeros(4, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        dvp.pruned_logprobs_from_hidden(torch.zeros(4, 5), torch.zeros(10, 5), torch.tensor([0, 1, 2, 11]), 0.1)
+    with pytest.raises(ValueError, match="group_size"):
+        dvp.grpo_advantages(torch.zeros(4), group_size=1)
+    with pytest.raises(ValueError, match="multiple"):
+        dvp.grpo_advantages(torch.zeros(5), group_size=2)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_logits_are_rejected(bad):
+    z = torch.zeros(4, 10)
+    z[2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        dvp.pruned_logprobs(z, torch.zeros(4, dtype=torch.long), 0.1)
+    w = torch.zeros(10, 5)
+    w[3, 0] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        dvp.pruned_logprobs_from_hidden(torch.ones(4, 5), w, torch.zeros(4, dtype=torch.long), 0.1)
+
+
+# --- the file itself ------------------------------------------------------------------------------
+
+def test_dvp_imports_only_torch_and_the_standard_library():
+    tree = ast.parse((HERE / "dvp.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    extra = {n for n in names if n != "torch" and n not in sys.stdlib_module_names}
+    assert not extra, f"dvp.py must work when copied alone; it imports {extra}"
+
+
+def test_dvp_demo_runs_and_its_bound_holds():
+    out = subprocess.run([sys.executable, "dvp.py"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ratio = float(out.stdout.split("(2 delta (1 - min(pi, mu))) =")[1].split()[0])
+    assert 0.3 < ratio <= 1.0, out.stdout
+    assert "min_p" in out.stdout and "mean |S|" in out.stdout
