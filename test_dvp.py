@@ -390,3 +390,124 @@ def test_dvp_demo_runs_and_its_bound_holds():
     ratio = float(out.stdout.split("(2 delta (1 - min(pi, mu))) =")[1].split()[0])
     assert 0.3 < ratio <= 1.0, out.stdout
     assert "min_p" in out.stdout and "mean |S|" in out.stdout
+
+
+# --- the training loop: real vLLM engine, a tiny random model with SmolLM2's tokenizer -------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import train
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(train.resolve_model(train.Args()))  # the embedded model's tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_shared_prompt_forward_equals_full_sequences(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = [[1, 5, 9, 33], [7, 8]]
+    completions = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]           # G = 2 per prompt
+    h = train.completion_hidden(model, prompts, completions, group_size=2)
+    for i, c in enumerate(completions):
+        p = prompts[i // 2]
+        full = model.model(input_ids=torch.tensor([p + c])).last_hidden_state[0]  # (len(p)+len(c), D)
+        torch.testing.assert_close(h[i, :len(c)], full[len(p) - 1:len(p) - 1 + len(c)], rtol=1e-4, atol=1e-5)
+
+
+def test_reward_is_the_last_number_and_failures_name_the_sample(monkeypatch):
+    import train
+    assert train.reward_fn("3 + 4 = 7", 7) == 1.0
+    assert train.reward_fn("It is 7, not 8", 7) == 0.0
+    assert train.reward_fn("about 1,234.5 apples", 1234.5) == 1.0
+    assert train.reward_fn("no number", 0) == 0.0
+    monkeypatch.setattr(train, "reward_fn", lambda c, a: 1 / 0 if c == "bad" else 1.0)
+    with pytest.raises(RuntimeError, match="sample 1"):
+        train.score(["ok", "bad"], [1, 2])
+
+
+@pytest.mark.parametrize("argv,msg", [(["--min-p", "1.5"], "--min-p"), (["--group-size", "1"], "--group-size"),
+                                      (["--correction", "foo"], "--correction")])
+def test_bad_command_line_is_rejected(argv, msg, capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert msg in capsys.readouterr().err
+
+
+def test_missing_vllm_and_model_give_clear_errors(monkeypatch, tmp_path):
+    import train
+    monkeypatch.setitem(sys.modules, "vllm", None)                  # import vllm now raises ImportError
+    with pytest.raises(SystemExit, match="pip install"):
+        train.start_engine("x", train.Args(), torch.device("cpu"), max_model_len=64, seed=0)
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.resolve_model(train.Args(model=str(tmp_path / "nope")))
+    with pytest.raises(SystemExit, match="config.json"):
+        train.resolve_model(train.Args(model=str(tmp_path)))
+
+
+def read_jsonl(path):
+    import json
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def run_train(*argv):
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=600)
+
+
+def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model), "--out", str(out), "--group-size", "2", "--prompts-per-step", "2",
+              "--max-new-tokens", "8", "--eval-size", "4", "--eval-every", "1", "--checkpoint-every", "1", "--min-p", "0.01"]
+    r = run_train("--steps", "2", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_jsonl(out / "metrics.jsonl")
+    train_recs = [x for x in recs if x["kind"] == "train"]
+    assert [x["step"] for x in train_recs] == [1, 2]
+    assert [x["step"] for x in recs if x["kind"] == "eval"] == [0, 1, 2]
+    needed = {"reward", "accuracy", "completion_len", "loss", "grad_norm", "mismatch_mean", "mismatch_max", "kl_k3",
+              "chi2", "out_of_set_frac", "pruned_mass_mean", "safe_set_size", "bias_bound", "gap_0_0.001", "gap_0.9_1",
+              "time_generate", "time_train", "time_sync"}
+    for x in train_recs:
+        assert needed <= x.keys(), f"missing {needed - x.keys()}"
+        assert all(math.isfinite(x[k]) for k in needed if not k.startswith("gap_")), x
+        assert x["completion_len"] > 0 and x["mismatch_mean"] > 0 and 0 < x["pruned_mass_mean"] < 1
+    assert (out / "checkpoint.pt").exists()
+
+    r = run_train("--steps", "2", *common)                     # the same folder without --resume: refused
+    assert r.returncode != 0 and "--resume" in r.stderr
+
+    r = run_train("--steps", "3", "--resume", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = read_jsonl(out / "metrics.jsonl")
+    assert after[:len(recs)] == recs, "resume must keep every earlier record"
+    assert after[len(recs)] == {"kind": "resume", "from_step": 2, "time": after[len(recs)]["time"]}
+    assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
+
+
+def test_weight_sync_changes_what_the_engine_returns(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    llm = train.start_engine(str(tiny_model), train.Args(), torch.device("cpu"), max_model_len=128, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = ["What is 2 + 2?", "Hello"]
+    greedy = lambda: [r[1] for r in train.generate(llm, prompts, n=1, temperature=0, min_p=0.0, max_tokens=8)]
+    train.check_sync(llm, model)                               # fresh engine == trainer
+    before = greedy()
+    with torch.no_grad():                                      # only linear layers, which the CPU engine repacks
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.down_proj.weight", "self_attn.o_proj.weight")):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    train.sync_weights(llm, model)
+    assert greedy() != before, "the engine's output did not change after syncing new linear weights"
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)                      # trainer moves on, engine not told
+    with pytest.raises(RuntimeError, match="did not apply"):
+        train.check_sync(llm, model)

@@ -272,36 +272,39 @@ def check_sync(llm, model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainer side: log pi_S at completion positions only, micro-batched
+# Trainer side: log pi_S at completion positions only, micro-batched by groups
 
-def completion_batch(rollouts, pad_id, device):
-    """Right-padded (B, L) input ids and, for the completion tokens, (B, Tc) tensors: the token,
-    the position whose hidden state predicts it, the engine log-prob, and the mask."""
-    B = len(rollouts)
-    L = max(len(p) + len(c) for p, c, _, _ in rollouts)
-    Tc = max(1, max(len(c) for _, c, _, _ in rollouts))
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, L, dtype=torch.long)
-    tokens = torch.zeros(B, Tc, dtype=torch.long)
-    pos = torch.zeros(B, Tc, dtype=torch.long)
-    engine_logp = torch.zeros(B, Tc)
-    mask = torch.zeros(B, Tc, dtype=torch.bool)
-    for i, (p, c, lps, _) in enumerate(rollouts):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        attn[i, :len(p) + len(c)] = 1
-        n = len(c)
-        tokens[i, :n] = torch.tensor(c, dtype=torch.long)
-        pos[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
-        engine_logp[i, :n] = torch.tensor(lps, dtype=torch.float32)
-        mask[i, :n] = True
-    return [t.to(device) for t in (ids, attn, tokens, pos, engine_logp, mask)]
+def pad(seqs, value, left=False):
+    """List of token-id lists -> (n, L) long tensor and its bool mask."""
+    L = max(1, max(len(x) for x in seqs))
+    ids = torch.full((len(seqs), L), value, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, x in enumerate(seqs):
+        sl = slice(L - len(x), L) if left else slice(0, len(x))
+        ids[i, sl], mask[i, sl] = torch.tensor(x, dtype=torch.long), True
+    return ids, mask
 
 
-def trainer_logprobs(model, ids, attn, tokens, pos, mask, min_p, temperature):
-    """dvp.pruned_logprobs_from_hidden at the completion positions of a micro-batch: (B, Tc) each."""
-    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state           # (B, L, D)
-    h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])) / temperature  # (B, Tc, D)
-    return dvp.pruned_logprobs_from_hidden(h[mask], model.get_output_embeddings().weight, tokens[mask], min_p, chunk_size=512), h
+def completion_hidden(model, prompts, completions, group_size):
+    """Hidden states that predict each completion token: (n*G, Tc, D), h[:, t] predicts token t.
+
+    Each of the n prompts goes through the model once and its KV cache is repeated for its G
+    completions (instead of G copies of the prompt: ~2.5x fewer tokens on the default task).
+    Prompts are left-padded, so every prompt's last token sits in the last column."""
+    dev = model.device
+    p_ids, p_mask = (t.to(dev) for t in pad(prompts, 0, left=True))
+    c_ids, c_mask = (t.to(dev) for t in pad(completions, 0))
+    first = model.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+    h_first = first.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)          # (nG, 1, D)
+    if c_ids.shape[1] == 1:
+        return h_first
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    p_mask, c_in = p_mask.repeat_interleave(group_size, 0), c_ids[:, :-1]              # the last token predicts nothing
+    positions = p_mask.sum(-1, keepdim=True) + torch.arange(c_in.shape[1], device=dev)
+    rest = model.model(input_ids=c_in, attention_mask=torch.cat([p_mask, c_mask[:, :-1]], 1), position_ids=positions,
+                       past_key_values=cache, use_cache=True)
+    return torch.cat([h_first, rest.last_hidden_state], 1)                              # (nG, Tc, D)
 
 
 def scatter(values, mask, fill=0.0):
@@ -397,8 +400,15 @@ def main(args: Args):
 
         # 4) trainer log-probs over its own safe set, masked loss, micro-batched backward
         t0 = time.time()
-        ids, attn, tokens, pos, engine_logp, mask = completion_batch(rollouts, tok.pad_token_id or 0, device)
-        logp_all, in_set_all, eps_all = torch.zeros(mask.shape), torch.zeros(mask.shape, dtype=torch.bool), torch.zeros(mask.shape)
+        G = args.group_size
+        tokens, mask = (t.to(device) for t in pad([r[1] for r in rollouts], 0))           # (B, Tc)
+        engine_logp = torch.zeros(mask.shape)
+        for i, r in enumerate(rollouts):
+            engine_logp[i, :len(r[2])] = torch.tensor(r[2])
+        engine_logp = engine_logp.to(device)
+        logp_all, eps_all = torch.zeros(mask.shape), torch.zeros(mask.shape)
+        in_set_all = torch.zeros(mask.shape, dtype=torch.bool)
+        head = model.get_output_embeddings().weight                                        # (V, D)
         set_size = None
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -406,9 +416,12 @@ def main(args: Args):
         # so micro-batches add up to the full batch; out-of-set tokens are a few per thousand).
         n_tokens = mask.sum()
         loss_sum = 0.0
-        for i in range(0, len(rollouts), args.micro_batch):
-            s = slice(i, i + args.micro_batch)
-            res, h = trainer_logprobs(model, ids[s], attn[s], tokens[s], pos[s], mask[s], args.min_p, args.temperature)
+        groups_per_mb = max(1, args.micro_batch // G)
+        for g0 in range(0, len(batch), groups_per_mb):
+            s = slice(g0 * G, (g0 + groups_per_mb) * G)
+            h = completion_hidden(model, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G) / args.temperature
+            m = mask[s, :h.shape[1]]                               # this micro-batch may be shorter than Tc
+            res = dvp.pruned_logprobs_from_hidden(h[m], head, tokens[s][m], args.min_p, chunk_size=512)
             logp, in_set = scatter(res.logp, mask[s]), scatter(res.in_set, mask[s], False)
             keep = mask[s] & in_set
             weights = None
@@ -420,9 +433,9 @@ def main(args: Args):
             loss.backward()
             loss_sum += loss.item()
             logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), scatter(res.pruned_mass, mask[s]).cpu()
-            if set_size is None:  # |S| on up to 256 positions of the first micro-batch (the rest never builds full logits)
+            if set_size is None:  # |S| on up to 256 positions of the first micro-batch (full logits are never built)
                 with torch.no_grad():
-                    set_size = dvp.safe_mask(h[mask[s]][:256] @ model.get_output_embeddings().weight.T, args.min_p).sum(-1).float().mean().item()
+                    set_size = dvp.safe_mask(h[m][:256] @ head.T, args.min_p).sum(-1).float().mean().item()
         loss_val = loss_sum
 
         # 5) optimizer step with gradient clipping; a non-finite loss skips the step
