@@ -40,5 +40,15 @@ bench: $(STAMP)  ## time pruned_logprobs against plain log_softmax + gather
 train: $(STAMP)  ## GRPO + DVP on the embedded SmolLM2-135M-Instruct, arithmetic task, offline
 	$(BIN)/python train.py $(ARGS)
 
+$(VENV)/.plot: $(STAMP)
+	$(BIN)/pip install --quiet matplotlib==3.11.2
+	touch $@
+
+mismatch: $(VENV)/.plot  ## engine vs trainer log-prob gap by token probability, per rho (figures/)
+	$(BIN)/python scripts/evidence.py mismatch $(ARGS)
+
+compare: $(VENV)/.plot  ## plain GRPO vs TIS vs MIS vs DVP training runs, plotted (figures/)
+	$(BIN)/python scripts/evidence.py compare $(ARGS)
+
 clean:  ## remove .venv and run outputs
 	rm -rf $(VENV) runs .pytest_cache __pycache__

@@ -331,12 +331,15 @@ def save_checkpoint(path, model, optimizer, step, rng):
 
 
 def evaluate(llm, tok, heldout, args):
+    """Held-out accuracy: greedy, sampled with the run's own sampler (min_p = rho), and sampled
+    without pruning (min_p = 0), the one to compare across runs with different rho."""
     prompts = [chat(tok, q) for q, _ in heldout]
-    answers = [a for _, a in heldout]
-    greedy = generate(llm, prompts, n=1, temperature=0, min_p=0.0, max_tokens=args.max_new_tokens)
-    sampled = generate(llm, prompts, n=4, temperature=args.temperature, min_p=args.min_p, max_tokens=args.max_new_tokens)
-    return {"greedy_acc": sum(score([r[3] for r in greedy], answers)) / len(answers),
-            "sampled_acc": sum(score([r[3] for r in sampled], [a for a in answers for _ in range(4)])) / len(sampled)}
+    def acc(n, temperature, min_p):
+        rs = generate(llm, prompts, n=n, temperature=temperature, min_p=min_p, max_tokens=args.max_new_tokens)
+        return sum(score([r[3] for r in rs], [a for _, a in heldout for _ in range(n)])) / len(rs)
+    ev = {"greedy_acc": acc(1, 0, 0.0), "sampled_acc": acc(4, args.temperature, args.min_p)}
+    ev["sampled_acc_unpruned"] = acc(4, args.temperature, 0.0) if args.min_p > 0 else ev["sampled_acc"]
+    return ev
 
 
 def chat(tok, question):
@@ -415,11 +418,14 @@ def main(args: Args):
         # token-level normalisation by all completion tokens of the batch (known before any forward,
         # so micro-batches add up to the full batch; out-of-set tokens are a few per thousand).
         n_tokens = mask.sum()
-        loss_sum = 0.0
+        loss_val = 0.0
         groups_per_mb = max(1, args.micro_batch // G)
         for g0 in range(0, len(batch), groups_per_mb):
             s = slice(g0 * G, (g0 + groups_per_mb) * G)
             h = completion_hidden(model, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G) / args.temperature
+            if not torch.isfinite(h).all():                        # caught here so the step is skipped, not crashed
+                loss_val = math.nan
+                break
             m = mask[s, :h.shape[1]]                               # this micro-batch may be shorter than Tc
             res = dvp.pruned_logprobs_from_hidden(h[m], head, tokens[s][m], args.min_p, chunk_size=512)
             logp, in_set = scatter(res.logp, mask[s]), scatter(res.in_set, mask[s], False)
@@ -431,12 +437,11 @@ def main(args: Args):
                 weights = dvp.mis_mask(logp, engine_logp[s], keep).float()
             loss = dvp.grpo_loss(logp, adv[s], keep, weights=weights, num_tokens=n_tokens)
             loss.backward()
-            loss_sum += loss.item()
+            loss_val += loss.item()
             logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), scatter(res.pruned_mass, mask[s]).cpu()
             if set_size is None:  # |S| on up to 256 positions of the first micro-batch (full logits are never built)
                 with torch.no_grad():
                     set_size = dvp.safe_mask(h[m][:256] @ head.T, args.min_p).sum(-1).float().mean().item()
-        loss_val = loss_sum
 
         # 5) optimizer step with gradient clipping; a non-finite loss skips the step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
