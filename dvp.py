@@ -80,7 +80,7 @@ def safe_mask(logits, min_p):
 # device (GPU); the result does not depend on the block size.
 
 def _block_rows(V, device):
-    return max(1, (1 << (26 if device.type == "cuda" else 18)) // V)
+    return max(1, (1 << (26 if device.type == "cuda" else 20)) // V)
 
 
 def _validate(z, tokens):

@@ -1,0 +1,445 @@
+"""Time and peak memory of DVP's log-probs against the plain computation, in the same run.
+
+Measures, in fp32, with N positions and vocabulary size V:
+  logits rows  dvp.pruned_logprobs(logits, tokens, min_p)  vs  log_softmax(logits, -1).gather(-1, tokens[:, None]),
+               forward only ("fwd") and forward + backward of .sum() ("fwd+bwd"), N = 4096,
+               V = 49152 (SmolLM2) and 151936 (Qwen2.5), min_p = 1e-3, plus rows at min_p = 0;
+  hidden rows  dvp.pruned_logprobs_from_hidden(hidden, weight, tokens, min_p, chunk_size=C)  vs
+               log_softmax(hidden @ weight.T, -1).gather(...), D = 576 (SmolLM2's hidden size),
+               fwd+bwd (grads w.r.t. hidden and weight), at the same N and V, and at N = 2048 and
+               8192 with the same C: DVP's peak is one chunk's worth whatever N, plain grows with N.
+Logits are Zipf-like (a few head tokens, a long tail, like an LM's), seeded. Each row runs in fresh
+subprocesses, plain and DVP on the same inputs. Time: a warm-up call each, then the median
+[min-max] of --repeats calls, plain and DVP alternating (both see the same load and heap state);
+hidden rows, by default: the one call that measures memory (seconds long). Peak memory: the extra
+memory of one call, after warm-ups on a tiny case. On CPU that is the rise of the peak RSS over
+the RSS before the call (VmHWM reset through /proc/self/clear_refs, else ru_maxrss), with glibc
+set to mmap every allocation >= 64 KiB so that RSS follows the live tensors, not what the heap
+keeps; on CUDA torch.cuda.max_memory_allocated.
+The table is markdown, ready to paste into the README.
+
+Run:  make bench                       (CPU: about 4-5 minutes on 2 cores)
+      make bench ARGS=--quick          (small sizes, under a minute)
+      .venv/bin/python scripts/bench.py --help
+      .venv/bin/python scripts/bench.py --sweep-blocks 16,18,20,22   (tune dvp._block_rows)
+Timings are disturbed by other processes using the CPU: the script warns when it sees them.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D_SMOLLM2 = 576
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one row in a fresh process; prints one JSON line.
+
+def _rss_now():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS")
+
+
+def _rss_peak():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
+
+
+def _reset_rss_peak():
+    """Reset the peak RSS to the current RSS (Linux >= 4.0). Returns the baseline to subtract."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_now()
+    except OSError:  # fall back to the peak so far (inputs were made without big temporaries)
+        return _rss_peak()
+
+
+def _zipf_logits(torch, N, V, gen, device):
+    """(N, V) Zipf-like logits: z = s * (-1.5 log rank + 0.3 noise), s in [1, 3] per row, columns
+    shuffled. Built in place: no (N, V) temporary, so the RSS baseline is not inflated."""
+    base = -1.5 * torch.log(torch.arange(1, V + 1, dtype=torch.float32))
+    base = base[torch.randperm(V, generator=gen)]
+    z = torch.randn(N, V, generator=gen).mul_(0.3).add_(base)
+    z.mul_(1 + 2 * torch.rand(N, 1, generator=gen))
+    return z.to(device)
+
+
+def _make_calls(torch, dvp, spec, device):
+    """Inputs of one row, and {side: call} over them; each call clears the grads it will make."""
+    gen = torch.Generator().manual_seed(spec["seed"])
+    N, V, min_p = spec["N"], spec["V"], spec["min_p"]
+    tok = torch.randint(0, V, (N,), generator=gen).to(device)
+    if spec["kind"] == "logits":
+        z = _zipf_logits(torch, N, V, gen, device)
+        bwd = spec["mode"] == "fwd+bwd"
+        z.requires_grad_(bwd)
+        fns = {"plain": lambda: torch.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1),
+               "dvp": lambda: dvp.pruned_logprobs(z, tok, min_p).logp}
+        leaves = [z]
+    else:  # hidden states: logits h @ W.T with std ~2 (Gaussian, not Zipf: the cost does not care)
+        D = spec["D"]
+        h = torch.randn(N, D, generator=gen).mul_(2.0).to(device).requires_grad_(True)
+        w = torch.randn(V, D, generator=gen).mul_(D ** -0.5).to(device).requires_grad_(True)
+        bwd = True
+        fns = {"plain": lambda: torch.log_softmax(h @ w.T, -1).gather(-1, tok[:, None]).squeeze(-1),
+               "dvp": lambda: dvp.pruned_logprobs_from_hidden(h, w, tok, min_p,
+                                                              chunk_size=spec["chunk_size"]).logp}
+        leaves = [h, w]
+
+    def clear():
+        for x in leaves:
+            x.grad = None
+
+    def make(fn):
+        def call():
+            clear()
+            out = fn()
+            if bwd:
+                out.sum().backward()
+        return call
+    return {side: make(fn) for side, fn in fns.items()}, clear
+
+
+def _exact_malloc():
+    """glibc only: serve every allocation >= 64 KiB by mmap and give it back on free, so that RSS
+    follows the live tensors, not what the heap keeps of freed block temporaries (that varies by
+    +-100 MiB from call to call). Set at start-up of the memory-measuring process only: it costs a
+    page fault per block temporary, so the timing process keeps the default allocator."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def worker(spec):
+    """One row, spec["sides"] of it. spec["what"] == "time": a warm-up call of each side, then
+    spec["repeats"] rounds of one call per side, interleaved (none: time the first calls).
+    "memory": the extra memory of one call of each side, after warm-ups on a tiny case."""
+    if spec["what"] == "memory" and spec["device"] == "cpu":
+        _exact_malloc()
+    sys.path.insert(0, ROOT)
+    import torch
+    import dvp
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if spec.get("block_log2") is not None:  # --sweep-blocks: override the CPU row-block budget
+        budget = 1 << spec["block_log2"]
+        dvp._block_rows = lambda V, device: max(1, budget // V)
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sides = spec["sides"]
+
+    if spec["what"] == "memory":
+        tiny = dict(spec, N=min(spec["N"], 64), V=min(spec["V"], 4096), chunk_size=16)
+        calls, clear = _make_calls(torch, dvp, tiny, device)
+        for side in sides:  # code paths, thread pools, library init
+            calls[side]()
+        del calls, clear
+        calls, clear = _make_calls(torch, dvp, spec, device)
+        out = {}
+        for side in sides:
+            clear()
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            else:
+                base = _reset_rss_peak()
+            t0 = time.perf_counter()
+            calls[side]()
+            sync()
+            t = time.perf_counter() - t0
+            out[side] = {"peak": (torch.cuda.max_memory_allocated() if cuda else _rss_peak()) - base}
+            if spec.get("time_it"):
+                out[side]["times"] = [t]
+        print(json.dumps(out))
+        return
+
+    calls, clear = _make_calls(torch, dvp, spec, device)
+
+    def timed(side):
+        sync()
+        t0 = time.perf_counter()
+        calls[side]()
+        sync()
+        return time.perf_counter() - t0
+
+    first = {side: timed(side) for side in sides}  # warm-up
+    for _ in range(spec["warmup"]):
+        for side in sides:
+            calls[side]()
+    times = {side: [] for side in sides}
+    for _ in range(spec["repeats"]):
+        for side in sides:
+            times[side].append(timed(side))
+    print(json.dumps({side: {"times": times[side] or [first[side]]} for side in sides}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+def run_row(spec, sides=("plain", "dvp"), memory=True, timeout=1200):
+    """{side: {"times": [...], "peak": bytes}} (or {"error": why}) for one row: the times from
+    one process, the peak memory from another; or both from the memory process's single call
+    when spec["time_it"] (hidden rows with --hidden-repeats 0)."""
+    out = {side: {} for side in sides}
+    whats = ("memory",) if spec.get("time_it") else ("time", "memory") if memory else ("time",)
+    for what in whats:
+        r = run_worker(dict(spec, what=what, sides=list(sides)), timeout)
+        for side in sides:
+            out[side].update(r.get(side, {"error": r.get("error", "no result")}))
+    return out
+
+
+def run_worker(spec, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout {timeout}s"}
+    if p.returncode != 0:
+        why = "killed (out of memory?)" if p.returncode in (-9, 137) else f"rc={p.returncode}"
+        tail = p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else []
+        return {"error": why + (": " + tail[0] if tail else "")}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def mem_available():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_bytes(spec):
+    """Rough resident need of a row (inputs + what plain allocates), to skip what cannot fit."""
+    nv = 4 * spec["N"] * spec["V"]
+    if spec["kind"] == "logits":
+        return nv * (2 if spec["mode"] == "fwd" else 4) + 5e8
+    return nv * 4 + 5e8
+
+
+def fmt_t(r):
+    if "error" in r:
+        return r["error"]
+    t = r["times"]
+    med = statistics.median(t)
+    return f"{med:.3f}" if len(t) == 1 else f"{med:.3f} [{min(t):.3f}-{max(t):.3f}]"
+
+
+def fmt_mib(b):
+    return f"{b / 2**20:,.0f}"
+
+
+def table_row(label, spec, plain, dvp_r):
+    cells = [label, str(spec["N"]), str(spec["V"]), f"{spec['min_p']:g}"]
+    ok = "error" not in plain and "error" not in dvp_r
+    cells += [fmt_t(plain), fmt_t(dvp_r)]
+    if ok:
+        tp, td = statistics.median(plain["times"]), statistics.median(dvp_r["times"])
+        cells.append(f"{td / tp:.2f}x")
+    else:
+        cells.append("-")
+    cells += [fmt_mib(plain["peak"]) if "peak" in plain else "-",
+              fmt_mib(dvp_r["peak"]) if "peak" in dvp_r else "-"]
+    cells.append(f"{dvp_r['peak'] / plain['peak']:.3f}" if ok and plain["peak"] > 0 else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| case | N | V | min_p | plain s | DVP s | DVP/plain | plain peak MiB | DVP peak MiB "
+          "| peak ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def environment(device, threads):
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({cpu})"
+    nthreads = threads or torch.get_num_threads()
+    return f"torch {torch.__version__}, {dev}, {nthreads} threads, fp32", nthreads
+
+
+def sync_latency_ms():
+    """Time of one small multi-threaded op (a 4 MiB copy): about 0.05 ms when the CPU threads
+    run freely; milliseconds when a thread is descheduled (another process, or host contention
+    under a VM), which slows code made of many small ops (DVP's blocks) more than one big kernel."""
+    import torch
+    x = torch.ones(1 << 20)
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(40):
+            x.clone()
+        ts.append((time.perf_counter() - t0) / 40 * 1e3)
+    return statistics.median(ts)
+
+
+def cpu_busy(seconds=0.5):
+    """Fraction of all CPUs busy (steal included) over `seconds` while this process sleeps."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+        return 1 - (i1 - i0) / max(t1 - t0, 1)
+    except (OSError, ValueError):
+        return 0.0
+
+
+def check_load(nthreads):
+    msg = []
+    busy = cpu_busy()
+    if busy > 0.1:
+        msg.append(f"{busy:.0%} of the CPU is busy with other processes")
+    lat = sync_latency_ms()
+    if lat > 0.3:
+        msg.append(f"a small {nthreads}-thread op takes {lat:.2f} ms (about 0.05 when quiet)")
+    if msg:
+        print("WARNING: " + "; ".join(msg) + ": other processes are using the CPU and will "
+              "disturb these timings (DVP's many small ops more than plain's few big ones).")
+    return lat
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (N=1024, V=32768), for a smoke run")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--N", type=int, default=None, help="positions for the main rows (default 4096)")
+    ap.add_argument("--V", type=str, default=None, help="vocab sizes, comma-separated (default 49152,151936)")
+    ap.add_argument("--min-p", type=float, default=1e-3)
+    ap.add_argument("--chunk-size", type=int, default=1024, help="pruned_logprobs_from_hidden's chunk_size")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per logits row (median reported)")
+    ap.add_argument("--hidden-repeats", type=int, default=0,
+                    help="timed calls per hidden row after a warm-up; 0 (default): time the call "
+                         "that measures memory (these take seconds on CPU)")
+    ap.add_argument("--only", choices=["logits", "hidden"], default=None)
+    ap.add_argument("--sweep-blocks", type=str, default=None,
+                    help="comma-separated log2 element budgets for dvp._block_rows on CPU; "
+                         "times pruned_logprobs fwd and fwd+bwd at each and exits")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        return worker(json.loads(args.worker))
+
+    import torch
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    N = args.N or (1024 if args.quick else 4096)
+    Vs = [int(v) for v in args.V.split(",")] if args.V else ([32768] if args.quick else [49152, 151936])
+    scale_N = (512, 2048) if args.quick else (2048, 8192)
+    if args.quick and args.chunk_size == ap.get_default("chunk_size"):
+        args.chunk_size = 256  # smaller than the quick N, so the N-independence still shows
+    common = dict(device=device, threads=args.threads, seed=args.seed, D=D_SMOLLM2,
+                  chunk_size=args.chunk_size, warmup=0 if device == "cpu" else 2)
+    env, nthreads = environment(device, args.threads)
+    t_start = time.time()
+
+    if args.sweep_blocks:
+        budgets = [int(b) for b in args.sweep_blocks.split(",")]
+        print(f"dvp._block_rows sweep: rows = max(1, 2**k // V); {env}; N={N}, min_p={args.min_p:g}; "
+              f"median of {args.repeats} after a warm-up, s\n")
+        check_load(nthreads)
+        print("| V | k | rows | plain fwd | DVP fwd | DVP/plain | plain fwd+bwd | DVP fwd+bwd | DVP/plain |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for V in Vs:
+            base = dict(common, kind="logits", N=N, V=V, min_p=args.min_p, repeats=args.repeats,
+                        warmup=1)
+            plain = {m: run_row(dict(base, mode=m), ("plain",), False)["plain"] for m in ("fwd", "fwd+bwd")}
+            for k in budgets:
+                d = {m: run_row(dict(base, mode=m, block_log2=k), ("dvp",), False)["dvp"]
+                     for m in ("fwd", "fwd+bwd")}
+                cells = [str(V), str(k), str(max(1, (1 << k) // V))]
+                for m in ("fwd", "fwd+bwd"):
+                    cells += [fmt_t(plain[m]), fmt_t(d[m])]
+                    ok = "error" not in plain[m] and "error" not in d[m]
+                    cells.append(f"{statistics.median(d[m]['times']) / statistics.median(plain[m]['times']):.2f}x"
+                                 if ok else "-")
+                print("| " + " | ".join(cells) + " |", flush=True)
+        print(f"\n({time.time() - t_start:.0f} s)")
+        return
+
+    rows = []  # (label, spec)
+    if args.only in (None, "logits"):
+        for V in Vs:
+            for mode in ("fwd", "fwd+bwd"):
+                rows.append((f"logits {mode}", dict(kind="logits", N=N, V=V, min_p=args.min_p, mode=mode,
+                                                     repeats=args.repeats)))
+        for mode in ("fwd", "fwd+bwd"):
+            rows.append((f"logits {mode}", dict(kind="logits", N=N, V=Vs[0], min_p=0.0, mode=mode,
+                                                 repeats=args.repeats)))
+    if args.only in (None, "hidden"):
+        hid = dict(kind="hidden", min_p=args.min_p, mode="fwd+bwd", repeats=args.hidden_repeats,
+                   time_it=args.hidden_repeats == 0)
+        for V in Vs:
+            rows.append(("hidden fwd+bwd", dict(hid, N=N, V=V)))
+        for n in scale_N:
+            rows.append(("hidden fwd+bwd", dict(hid, N=n, V=Vs[0])))
+
+    print(f"DVP benchmark: {env}. min_p as listed (DVP side); plain = log_softmax + gather, "
+          f"which prunes nothing.")
+    hid_t = (f"median of {args.hidden_repeats} after a warm-up call" if args.hidden_repeats
+             else "the one call that measures memory, after a warm-up on a tiny case")
+    print(f"Time in s: median [min-max] of {args.repeats} calls after a warm-up call (logits rows), "
+          f"{hid_t} (hidden rows); plain and DVP alternating in one process. Peak: extra memory allocated "
+          f"by one call ({'max_memory_allocated' if device == 'cuda' else 'peak RSS rise'}). "
+          f"hidden rows: D={D_SMOLLM2}, chunk_size={args.chunk_size}, grads w.r.t. hidden and weight.")
+    lat0 = check_load(nthreads) if device == "cpu" else 0.0
+    print()
+    print(HEADER, flush=True)
+    worst = []
+    for label, spec in rows:
+        spec = dict(common, **spec)
+        need, avail = estimate_bytes(spec), mem_available() if device == "cpu" else None
+        if avail is not None and need > avail:
+            skip = {"error": f"skipped: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} available"}
+            res = {"plain": skip, "dvp": skip}
+        else:
+            res = run_row(spec)
+        print(table_row(label, spec, res["plain"], res["dvp"]), flush=True)
+        if spec["kind"] == "logits" and "error" not in res["plain"] and "error" not in res["dvp"]:
+            worst.append((statistics.median(res["dvp"]["times"]) / statistics.median(res["plain"]["times"]),
+                          f"{label} V={spec['V']} min_p={spec['min_p']:g}"))
+    print()
+    if worst:
+        r, what = max(worst)
+        verdict = "met" if r <= 1.2 else f"MISSED by {(r / 1.2 - 1) * 100:.0f}%"
+        print(f"Target DVP <= 1.2x plain for pruned_logprobs: worst {r:.2f}x ({what}): {verdict}.")
+    print(f"Total {time.time() - t_start:.0f} s; small-op latency {lat0:.2f} ms before, "
+          f"{sync_latency_ms():.2f} ms after (about 0.05 when the CPU is quiet).")
+
+
+if __name__ == "__main__":
+    main()
