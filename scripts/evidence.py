@@ -13,6 +13,7 @@ compare: runs train.py once per arm with the same seed and budget, each in its o
 runs/compare[-noiseD]/ (an arm whose run is complete is not re-run; an interrupted one resumes),
 then plots reward, held-out sampled accuracy, gradient norm, K3 KL and the bias bound against the
 step, all arms on one panel per metric (figures/compare[-noiseD].png), and writes a summary table.
+Arguments evidence.py does not know are passed to every arm's train.py (e.g. --prompts-per-step 4).
 Plots need matplotlib, which the make targets install into .venv.
 """
 import argparse
@@ -35,17 +36,16 @@ RHOS = (0.0, 1e-3, 1e-2, 1e-1)
 def measure(rho, llm, tok, model, prompts, n, max_tokens):
     """Sample at min_p = rho; return the sampled tokens' trainer and engine log-probs, flat."""
     rollouts = train.generate(llm, prompts, n=n, temperature=1.0, min_p=rho, max_tokens=max_tokens)
-    head = model.get_output_embeddings().weight
     cols = {k: [] for k in ("logp", "plain", "engine", "in_set", "eps", "seq")}
     with torch.no_grad():
         for g in range(0, len(prompts), 8):  # 8 prompts (8 * n sequences) per forward
             rs = rollouts[g * n:(g + 8) * n]
-            h = train.completion_hidden(model, [r[0] for r in rs[::n]], [r[1] for r in rs], n)
-            tokens, mask = train.pad([r[1] for r in rs], 0)
-            m = mask[:, :h.shape[1]]
-            res = dvp.pruned_logprobs_from_hidden(h[m], head, tokens[:, :h.shape[1]][m], rho)
-            cols["logp"].append(res.logp), cols["in_set"].append(res.in_set), cols["eps"].append(res.pruned_mass)
-            cols["plain"].append(dvp.pruned_logprobs_from_hidden(h[m], head, tokens[:, :h.shape[1]][m], 0.0).logp)
+            ps, cs = [r[0] for r in rs[::n]], [r[1] for r in rs]
+            (logp, in_set, eps), _ = train.trainer_logprobs(model, ps, cs, n, rho)
+            (plain, _, _), _ = train.trainer_logprobs(model, ps, cs, n, 0.0)
+            m = train.pad(cs, 0)[1]
+            for k, x in (("logp", logp), ("in_set", in_set), ("eps", eps), ("plain", plain)):
+                cols[k].append(x[m])
             cols["engine"].append(torch.tensor([lp for r in rs for lp in r[2]]))
             cols["seq"].append(torch.arange(g * n, g * n + len(rs)).repeat_interleave(m.sum(-1)))
     return {k: torch.cat(v) for k, v in cols.items()}
@@ -129,6 +129,11 @@ def plot_mismatch(per_rho, path, noise):
 ARMS = {"plain GRPO": ("0", "none"), "TIS (C=2)": ("0", "tis"), "MIS (C=3)": ("0", "mis"), "DVP (rho=1e-3)": ("1e-3", "none")}
 
 
+# Per-arm budget beyond --steps: half the default batch (4 prompts x 8 samples), so that four arms
+# fit in about half an hour on a 2-core CPU. Later arguments (passed through) override it.
+BUDGET = ("--prompts-per-step", "4")
+
+
 def compare(args):
     tag = f"-noise{args.engine_noise:g}" if args.engine_noise else ""
     runs = ROOT / "runs" / f"compare{tag}"
@@ -142,7 +147,7 @@ def compare(args):
             continue
         cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(d), "--steps", str(args.steps), "--min-p", rho,
                "--correction", corr, "--seed", str(args.seed), "--engine-noise", str(args.engine_noise),
-               "--eval-every", str(args.eval_every)]
+               "--eval-every", str(args.eval_every), *BUDGET, *args.train_args]
         if (d / "checkpoint.pt").exists():
             cmd.append("--resume")
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
@@ -205,11 +210,13 @@ def main():
     p.add_argument("--prompts", type=int, default=64, help="mismatch: prompts")
     p.add_argument("--n", type=int, default=4, help="mismatch: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="mismatch: completion length cap")
-    p.add_argument("--steps", type=int, default=30, help="compare: steps per arm")
+    p.add_argument("--steps", type=int, default=20, help="compare: steps per arm")
     p.add_argument("--eval-every", type=int, default=10, help="compare: held-out evaluation interval")
     p.add_argument("--seed", type=int, default=0, help="compare: the seed every arm uses")
     p.add_argument("--arms", nargs="*", help="compare: run only these arms (plain, tis, mis, dvp)")
-    args = p.parse_args()
+    args, args.train_args = p.parse_known_args()
+    if args.train_args and args.what != "compare":
+        p.error(f"unrecognized arguments: {' '.join(args.train_args)}")
     Path(args.out).mkdir(exist_ok=True)
     mismatch(args) if args.what == "mismatch" else compare(args)
 
