@@ -255,8 +255,9 @@ def grpo_loss(logp, advantages, mask, *, old_logp=None, clip_eps=0.2, weights=No
     else:
         ratio = torch.exp(torch.where(mask, logp - old_logp, 0.0))
         f = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
-    if weights is not None:
-        f = f * (weights if weights.dim() == 2 else weights[:, None]).detach().to(f.dtype)
+    if weights is not None:  # zeroed outside the mask first: a NaN weight there would poison the gradient
+        w = (weights if weights.dim() == 2 else weights[:, None].expand_as(mask)).detach().to(f.dtype)
+        f = f * torch.where(mask, w, 0.0)
     denom = mask.sum() if num_tokens is None else num_tokens
     return -torch.where(mask, f, 0.0).sum() / max(float(denom), 1.0)
 

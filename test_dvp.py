@@ -197,6 +197,21 @@ def test_out_of_set_tokens_never_produce_inf_or_nan():
     assert loss.item() == 0.0 and torch.isfinite(bad.grad).all()
 
 
+def test_nan_weights_at_masked_positions_do_not_reach_the_gradient():
+    logp = torch.full((2, 3), -math.inf)
+    logp[:, 0] = torch.tensor([-1.0, -2.0])
+    logp.requires_grad_()
+    mask = torch.tensor([[True, False, False], [True, False, False]])
+    engine = torch.full((2, 3), -math.inf)                    # padding: -inf on both sides -> NaN ratio
+    engine[:, 0] = -1.5
+    w = dvp.tis_weights(logp, engine)
+    assert w[:, 1:].isnan().all(), "the premise: TIS weights are NaN at the padding"
+    loss = dvp.grpo_loss(logp, torch.tensor([1.0, -1.0]), mask, weights=w)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert (logp.grad[:, 1:] == 0).all()
+
+
 def test_all_masked_batch_gives_zero_loss_not_nan():
     logp = torch.randn(3, 5, requires_grad=True)
     loss = dvp.grpo_loss(logp, torch.ones(3), torch.zeros(3, 5, dtype=torch.bool))

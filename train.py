@@ -93,6 +93,8 @@ def parse_args(argv=None) -> Args:
         p.error(f"--group-size must be >= 2 (GRPO's baseline is the group mean), got {args.group_size}")
     if args.correction not in ("none", "tis", "mis"):
         p.error(f"--correction must be none, tis or mis, got {args.correction!r}")
+    if not args.temperature > 0:
+        p.error(f"--temperature must be > 0 (the trainer divides its logits by it), got {args.temperature}")
     for name in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch", "eval_every", "eval_size", "checkpoint_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -346,6 +348,8 @@ def save_checkpoint(path, model, optimizer, step, rng):
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
                 "torch_rng": torch.get_rng_state()}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())                                    # on disk before it replaces the last good one
     os.replace(tmp, path)
 
 
@@ -390,10 +394,14 @@ def main(args: Args):
     if args.resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"]), optimizer.load_state_dict(ck["optimizer"])
-        start, torch_rng = ck["step"], ck["torch_rng"]
-        rng.setstate(ck["rng"]), torch.set_rng_state(torch_rng)
+        start = ck["step"]
+        rng.setstate(ck["rng"]), torch.set_rng_state(ck["torch_rng"].cpu())
         append_jsonl(metrics_path, {"kind": "resume", "from_step": start, "time": time.time()})
         print(f"Resuming from {ckpt_path} at step {start}; later step records supersede earlier ones.")
+    saved = json.loads((out / "args.json").read_text()) if args.resume and (out / "args.json").exists() else {}
+    changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v} - {"steps", "resume"}
+    if changed:
+        raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} (only --steps may change)")
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
 
     llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)
@@ -430,7 +438,7 @@ def main(args: Args):
         engine_logp = engine_logp.to(device)
         logp_all, eps_all = torch.zeros(mask.shape), torch.zeros(mask.shape)
         in_set_all = torch.zeros(mask.shape, dtype=torch.bool)
-        set_sizes = []
+        set_sizes, done = [], torch.zeros(len(rollouts), dtype=torch.bool)      # done: rows whose log-probs exist
         model.train()
         optimizer.zero_grad(set_to_none=True)
         # token-level normalisation by all completion tokens of the batch (known before any forward,
@@ -459,6 +467,7 @@ def main(args: Args):
             loss_val += loss.item()
             logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), eps.cpu()
             set_sizes.append(set_size)
+            done[s] = True
         set_size = sum(set_sizes) / len(set_sizes) if set_sizes else None
 
         # 5) optimizer step with gradient clipping; a non-finite loss skips the step
@@ -483,7 +492,7 @@ def main(args: Args):
 
         # 7) log
         mcpu = mask.cpu()
-        stats = dvp.mismatch_stats(logp_all, engine_logp.cpu(), mcpu, in_set_all, eps_all)
+        stats = dvp.mismatch_stats(logp_all, engine_logp.cpu(), mcpu & done[:, None], in_set_all, eps_all)
         record = {"kind": "train", "step": step, "reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(),
                   "completion_len": mcpu.sum(-1).float().mean().item(), "loss": loss_val, "grad_norm": grad_norm,
                   "skipped": skipped, "safe_set_size": set_size, **stats,

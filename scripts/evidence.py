@@ -60,7 +60,7 @@ def mismatch(args):
     tok, model = train.load_trainer_model(path, torch.device("cpu"))
     _, heldout = train.arithmetic_task()
     prompts = [train.chat(tok, q) for q, _ in heldout[:args.prompts]]
-    llm = train.start_engine(path, targs, torch.device("cpu"), max_model_len=256, seed=0)
+    llm = train.start_engine(path, targs, torch.device("cpu"), max_model_len=192 + args.max_new_tokens, seed=0)
     t0, rows, per_rho = time.time(), [], {}
     for rho in RHOS:
         d = measure(rho, llm, tok, model, prompts, args.n, args.max_new_tokens)
@@ -150,6 +150,8 @@ def compare(args):
                "--eval-every", str(args.eval_every), *BUDGET, *args.train_args]
         if (d / "checkpoint.pt").exists():
             cmd.append("--resume")
+        elif recs:  # stopped before its first checkpoint: keep what it wrote, start the arm again
+            (d / "metrics.jsonl").rename(d / f"metrics.jsonl.incomplete-{int(time.time())}")
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True)
     plot_compare(runs, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", args.engine_noise)
@@ -173,8 +175,9 @@ def plot_compare(runs, png, md, noise):
                ("greedy_acc", "held-out greedy accuracy"), ("grad_norm", "gradient norm"),
                ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    lines = ["| arm | steps | held-out sampled acc (start -> end) | greedy acc (start -> end) | mean K3 KL | mean grad norm | mean bias bound | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | steps | held-out sampled acc, own sampler (start -> end) | same, unpruned sampler | greedy acc (start -> end) "
+             "| mean K3 KL | mean grad norm | mean out-of-set | mean bias bound | step time (gen + train + sync, no evals) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ARMS:
         recs = read(runs / name.split()[0].lower() / "metrics.jsonl")
         tr, ev = latest(recs, "train"), latest(recs, "eval")
@@ -188,10 +191,12 @@ def plot_compare(runs, png, md, noise):
             ax.plot(xs, ys, label=name, marker="o" if key.endswith("_acc") else None, ms=3)
             ax.set_title(title, fontsize=10), ax.set_xlabel("step")
         mean = lambda k: sum(r[k] for r in tr) / len(tr)
+        unpruned = lambda e: e.get("sampled_acc_unpruned", e["sampled_acc"])
         wall = sum(r["time_generate"] + r["time_train"] + r["time_sync"] for r in tr)
         lines.append(f"| {name} | {tr[-1]['step']} | {ev[0]['sampled_acc']:.3f} -> {ev[-1]['sampled_acc']:.3f} | "
+                     f"{unpruned(ev[0]):.3f} -> {unpruned(ev[-1]):.3f} | "
                      f"{ev[0]['greedy_acc']:.3f} -> {ev[-1]['greedy_acc']:.3f} | {mean('kl_k3'):.2e} | {mean('grad_norm'):.3f} | "
-                     f"{mean('bias_bound'):.3f} | {wall / 60:.1f} min |")
+                     f"{mean('out_of_set_frac'):.1e} | {mean('bias_bound'):.3f} | {wall / 60:.1f} min |")
     axes.flat[4].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Same seed and budget per arm" + (f", engine noise delta = {noise:g}" if noise else ", natural bf16/fp32 mismatch"))
