@@ -528,12 +528,27 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     r = run_train("--steps", "2", *common)                     # the same folder without --resume: refused
     assert r.returncode != 0 and "--resume" in r.stderr
 
+    r = run_train("--steps", "3", "--resume", *common, "--lr", "1e-3")     # other settings: refused, nothing written
+    assert r.returncode != 0 and "lr" in r.stderr and read_jsonl(out / "metrics.jsonl") == recs
+
     r = run_train("--steps", "3", "--resume", *common)
     assert r.returncode == 0, r.stderr[-3000:]
     after = read_jsonl(out / "metrics.jsonl")
     assert after[:len(recs)] == recs, "resume must keep every earlier record"
     assert after[len(recs)] == {"kind": "resume", "from_step": 2, "time": after[len(recs)]["time"]}
     assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
+
+
+def test_engine_noise_amplifies_the_measured_mismatch(tiny_model, tmp_path):
+    common = ["--model", str(tiny_model), "--group-size", "2", "--prompts-per-step", "4", "--max-new-tokens", "8",
+              "--eval-size", "2", "--steps", "1", "--min-p", "0"]
+    gaps = {}
+    for delta in ("0", "0.5"):
+        r = run_train(*common, "--out", str(tmp_path / delta), "--engine-noise", delta)
+        assert r.returncode == 0, r.stderr[-3000:]
+        gaps[delta] = [x for x in read_jsonl(tmp_path / delta / "metrics.jsonl") if x["kind"] == "train"][0]["mismatch_mean"]
+    # uniform noise in [-delta, delta] on every logit moves log-probs by about delta / 2 in the tail
+    assert gaps["0.5"] > 0.1 > 5 * gaps["0"], gaps
 
 
 def test_weight_sync_changes_what_the_engine_returns(tiny_model):

@@ -377,6 +377,10 @@ def main(args: Args):
         raise SystemExit(f"{metrics_path} already has records: pass --resume to continue that run, or choose another --out")
     if args.resume and not ckpt_path.exists():
         raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+    saved = json.loads((out / "args.json").read_text()) if args.resume and (out / "args.json").exists() else {}
+    changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v} - {"steps", "resume", "cache_dir"}
+    if changed:
+        raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} (only --steps may change)")
 
     # ---- computed at run time ----
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -398,10 +402,6 @@ def main(args: Args):
         rng.setstate(ck["rng"]), torch.set_rng_state(ck["torch_rng"].cpu())
         append_jsonl(metrics_path, {"kind": "resume", "from_step": start, "time": time.time()})
         print(f"Resuming from {ckpt_path} at step {start}; later step records supersede earlier ones.")
-    saved = json.loads((out / "args.json").read_text()) if args.resume and (out / "args.json").exists() else {}
-    changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v} - {"steps", "resume"}
-    if changed:
-        raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} (only --steps may change)")
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
 
     llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)
