@@ -411,7 +411,7 @@ def main(args: Args):
         append_jsonl(metrics_path, {"kind": "eval", "step": 0, **evaluate(llm, tok, heldout, args)})
 
     from tqdm import tqdm
-    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, desc="GRPO+DVP", dynamic_ncols=True)
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, desc=f"GRPO rho={args.min_p:g}" + (f" {args.correction}" if args.correction != "none" else ""), dynamic_ncols=True)
     bad_steps = 0
     for step in bar:
         # 1) rollout: G completions per prompt from the engine, with min_p = rho

@@ -41,22 +41,29 @@ D_SMOLLM2 = 576
 # ---------------------------------------------------------------------------------------------
 # Worker: one row in a fresh process; prints one JSON line.
 
-def _rss_now():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmRSS")
-
-
-def _rss_peak():
+def proc_bytes(path, key):
+    """A 'Key:  N kB' line of a /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _rss_now():
+    rss = proc_bytes("/proc/self/status", "VmRSS")
+    if rss is None:
+        raise OSError("no VmRSS")
+    return rss
+
+
+def _rss_peak():
+    hwm = proc_bytes("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
 
@@ -226,14 +233,7 @@ def run_worker(spec, timeout):
 
 
 def mem_available():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def estimate_bytes(spec):
