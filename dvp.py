@@ -40,7 +40,7 @@ Beyond the abstract (our choices, say so when you cite them):
 - `mismatch_stats`: the diagnostics we log; buckets are by the trainer's (pruned) probability.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 

@@ -431,7 +431,7 @@ def main(args: Args):
         # 4) trainer log-probs over its own safe set, masked loss, micro-batched backward
         t0 = time.time()
         G = args.group_size
-        tokens, mask = (t.to(device) for t in pad([r[1] for r in rollouts], 0))           # (B, Tc)
+        mask = pad([r[1] for r in rollouts], 0)[1].to(device)                              # (B, Tc): real completion tokens
         engine_logp = torch.zeros(mask.shape)
         for i, r in enumerate(rollouts):
             engine_logp[i, :len(r[2])] = torch.tensor(r[2])
