@@ -547,8 +547,9 @@ def test_engine_noise_amplifies_the_measured_mismatch(tiny_model, tmp_path):
         r = run_train(*common, "--out", str(tmp_path / delta), "--engine-noise", delta)
         assert r.returncode == 0, r.stderr[-3000:]
         gaps[delta] = [x for x in read_jsonl(tmp_path / delta / "metrics.jsonl") if x["kind"] == "train"][0]["mismatch_mean"]
-    # uniform noise in [-delta, delta] on every logit moves log-probs by about delta / 2 in the tail
-    assert gaps["0.5"] > 0.1 > 5 * gaps["0"], gaps
+    # uniform noise in [-delta, delta] on every logit moves tail log-probs by about delta / 2 (0.25 here) on top of
+    # the natural bf16-vs-fp32 gap, which is about 0.05 for this random tiny model
+    assert gaps["0.5"] > gaps["0"] + 0.1, gaps
 
 
 def test_weight_sync_changes_what_the_engine_returns(tiny_model):
