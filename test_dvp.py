@@ -528,6 +528,9 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     r = run_train("--steps", "2", *common)                     # the same folder without --resume: refused
     assert r.returncode != 0 and "--resume" in r.stderr
 
+    r = run_train("--steps", "2", "--resume", *common)        # already complete: nothing to do, nothing written
+    assert r.returncode == 0 and "nothing to do" in r.stdout and read_jsonl(out / "metrics.jsonl") == recs
+
     r = run_train("--steps", "3", "--resume", *common, "--lr", "1e-3")     # other settings: refused, nothing written
     assert r.returncode != 0 and "lr" in r.stderr and read_jsonl(out / "metrics.jsonl") == recs
 

@@ -399,6 +399,9 @@ def main(args: Args):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"]), optimizer.load_state_dict(ck["optimizer"])
         start = ck["step"]
+        if start >= args.steps:
+            print(f"{ckpt_path} is at step {start}, --steps is {args.steps}: nothing to do")
+            return
         rng.setstate(ck["rng"]), torch.set_rng_state(ck["torch_rng"].cpu())
         append_jsonl(metrics_path, {"kind": "resume", "from_step": start, "time": time.time()})
         print(f"Resuming from {ckpt_path} at step {start}; later step records supersede earlier ones.")

@@ -10,9 +10,10 @@ the trainer's own safe set, and reports dvp.mismatch_stats per rho: a markdown t
 (figures/mismatch[-noiseD].md) and a figure of |log pi - log mu| against p with the (1 - p) shape.
 
 compare: runs train.py once per arm with the same seed and budget, each in its own folder under
-runs/compare[-noiseD]/ (an arm whose run is complete is not re-run; an interrupted one resumes),
+runs/compare[-noiseD][-seedS]/ (an interrupted arm resumes, a complete one is not re-run, and train.py
+refuses to resume an arm with other settings: delete that folder to change them),
 then plots reward, held-out sampled accuracy, gradient norm, K3 KL and the bias bound against the
-step, all arms on one panel per metric (figures/compare[-noiseD].png), and writes a summary table.
+step, all arms on one panel per metric (figures/compare[-noiseD][-seedS].png), and writes a summary table.
 Arguments evidence.py does not know are passed to every arm's train.py (e.g. --prompts-per-step 4).
 Plots need matplotlib, which the make targets install into .venv.
 """
@@ -135,26 +136,25 @@ BUDGET = ("--prompts-per-step", "4")
 
 
 def compare(args):
-    tag = f"-noise{args.engine_noise:g}" if args.engine_noise else ""
+    tag = (f"-noise{args.engine_noise:g}" if args.engine_noise else "") + (f"-seed{args.seed}" if args.seed else "")
     runs = ROOT / "runs" / f"compare{tag}"
+    t0 = time.time()
     for name, (rho, corr) in ARMS.items():
         if args.arms and name.split()[0].lower() not in args.arms:
             continue
         d = runs / name.split()[0].lower()
         recs = read(d / "metrics.jsonl")
-        if any(r.get("kind") == "train" and r["step"] == args.steps for r in recs):
-            print(f"{name}: complete in {d}, not re-run")
-            continue
         cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(d), "--steps", str(args.steps), "--min-p", rho,
                "--correction", corr, "--seed", str(args.seed), "--engine-noise", str(args.engine_noise),
                "--eval-every", str(args.eval_every), *BUDGET, *args.train_args]
-        if (d / "checkpoint.pt").exists():
+        if (d / "checkpoint.pt").exists():  # train.py refuses other settings, and does nothing if it is complete
             cmd.append("--resume")
         elif recs:  # stopped before its first checkpoint: keep what it wrote, start the arm again
             (d / "metrics.jsonl").rename(d / f"metrics.jsonl.incomplete-{int(time.time())}")
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True)
-    plot_compare(runs, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", args.engine_noise)
+    note = f"Wall time of this command: {(time.time() - t0) / 60:.1f} min (arms that were already complete take seconds)."
+    plot_compare(runs, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", args.engine_noise, note)
 
 
 def read(path):
@@ -167,7 +167,7 @@ def latest(recs, kind):
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_compare(runs, png, md, noise):
+def plot_compare(runs, png, md, noise, note):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,7 +176,7 @@ def plot_compare(runs, png, md, noise):
                ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     lines = ["| arm | steps | held-out sampled acc, own sampler (start -> end) | same, unpruned sampler | greedy acc (start -> end) "
-             "| mean K3 KL | mean grad norm | mean out-of-set | mean bias bound | step time (gen + train + sync, no evals) |",
+             "| mean K3 KL | mean grad norm | mean out-of-set | mean bias bound | time in steps (gen + train + sync; evals excluded) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ARMS:
         recs = read(runs / name.split()[0].lower() / "metrics.jsonl")
@@ -202,6 +202,7 @@ def plot_compare(runs, png, md, noise):
     fig.suptitle("Same seed and budget per arm" + (f", engine noise delta = {noise:g}" if noise else ", natural bf16/fp32 mismatch"))
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    lines += ["", note]
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {png} and {md}")
