@@ -129,7 +129,7 @@ def _compute_dtype(x):
 def _forward_blocks(logit_block, N, tok, log_min_p, rows):
     """Run _row_stats over row blocks [i, i + rows) of logits produced by logit_block(i, j)."""
     outs = [_row_stats(logit_block(i, min(i + rows, N)), tok[i:i + rows], log_min_p)
-            for i in range(0, N, rows)]
+            for i in range(0, max(N, 1), rows)]  # N == 0: one empty block, so that empty input gives empty output
     logp, in_set, eps, lse_S, thresh, finite = (torch.cat(x) for x in zip(*outs))
     if not bool(finite.all()):
         raise ValueError("logits contain NaN or inf")

@@ -219,6 +219,15 @@ def test_all_masked_batch_gives_zero_loss_not_nan():
     assert loss.item() == 0.0 and (logp.grad == 0).all()
 
 
+def test_empty_batch_gives_empty_results():
+    z, h, w = torch.randn(0, 7, requires_grad=True), torch.randn(0, 3, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    tok = torch.zeros(0, dtype=torch.long)
+    for res in (dvp.pruned_logprobs(z, tok, 0.1), dvp.pruned_logprobs_from_hidden(h, w, tok, 0.1)):
+        assert all(x.shape == (0,) for x in res)
+        res.logp.sum().backward()
+    assert z.grad.shape == z.shape and h.grad.shape == h.shape and (w.grad == 0).all()
+
+
 # --- the per-token mismatch bound and the sequence-level bias bound --------------------------
 
 @pytest.mark.parametrize("delta", [0.01, 0.1, 1.0])
