@@ -7,14 +7,15 @@
 mismatch: samples a fixed prompt set (the held-out arithmetic problems, 4 completions each) at
 rho in {0, 1e-3, 1e-2, 1e-1}, recomputes every sampled token's log-prob in the trainer (fp32) over
 the trainer's own safe set, and reports dvp.mismatch_stats per rho: a markdown table
-(figures/mismatch[-noiseD].md) and a figure of |log pi - log mu| against p with the (1 - p) shape.
+(figures/mismatch[-noiseD][-float32].md) and a figure of |log pi - log mu| against p with the (1 - p) shape.
 
 compare: runs train.py once per arm with the same seed and budget, each in its own folder under
-runs/compare[-noiseD][-seedS]/ (an interrupted arm resumes, a complete one is not re-run, and train.py
+runs/compare[-noiseD][-float32][-seedS]/ (an interrupted arm resumes, a complete one is not re-run, and train.py
 refuses to resume an arm with other settings: delete that folder to change them),
 then plots reward, held-out sampled accuracy, gradient norm, K3 KL and the bias bound against the
-step, all arms on one panel per metric (figures/compare[-noiseD][-seedS].png), and writes a summary table.
-Arguments evidence.py does not know are passed to every arm's train.py (e.g. --prompts-per-step 4).
+step, all arms on one panel per metric (figures/compare[-noiseD][-float32][-seedS].png), and writes a summary table.
+-float32 marks runs whose engine ran in float32 (--engine-dtype; auto picks it on CPUs without
+AVX-512, where vLLM's bf16 is slow). Arguments evidence.py does not know are passed to every arm's train.py (e.g. --prompts-per-step 4).
 Plots need matplotlib, which the make targets install into .venv.
 """
 import argparse
@@ -32,6 +33,12 @@ import dvp  # noqa: E402
 import train  # noqa: E402
 
 RHOS = (0.0, 1e-3, 1e-2, 1e-1)
+
+
+def tag_of(args):
+    """File-name suffix: the engine noise, and the engine dtype where it is not bfloat16."""
+    dtype = train.engine_dtype(train.Args(engine_dtype=args.engine_dtype), torch.device("cpu"))
+    return (f"-noise{args.engine_noise:g}" if args.engine_noise else "") + ("" if dtype == "bfloat16" else f"-{dtype}")
 
 
 def measure(rho, llm, tok, model, prompts, n, max_tokens):
@@ -55,13 +62,15 @@ def measure(rho, llm, tok, model, prompts, n, max_tokens):
 def mismatch(args):
     out = Path(args.out)
     out.mkdir(exist_ok=True)
-    tag = f"-noise{args.engine_noise:g}" if args.engine_noise else ""
-    targs = train.Args(engine_noise=args.engine_noise, max_new_tokens=args.max_new_tokens)
+    tag = tag_of(args)
+    targs = train.Args(engine_noise=args.engine_noise, max_new_tokens=args.max_new_tokens, engine_dtype=args.engine_dtype)
     path = train.resolve_model(targs)
     tok, model = train.load_trainer_model(path, torch.device("cpu"))
     _, heldout = train.arithmetic_task()
     prompts = [train.chat(tok, q) for q, _ in heldout[:args.prompts]]
     llm = train.start_engine(path, targs, torch.device("cpu"), max_model_len=192 + args.max_new_tokens, seed=0)
+    train.sync_weights(llm, model)
+    dtype = train.engine_dtype(targs, torch.device("cpu"))
     t0, rows, per_rho = time.time(), [], {}
     for rho in RHOS:
         d = measure(rho, llm, tok, model, prompts, args.n, args.max_new_tokens)
@@ -77,7 +86,7 @@ def mismatch(args):
         print(f"rho={rho:g}: {len(d['logp'])} tokens, K3 KL {s['kl_k3']:.2e}, out-of-set {s['out_of_set_frac']:.2e}", flush=True)
     wall = time.time() - t0
     buckets = [f"{lo:g}_{hi:g}" for lo, hi in zip(dvp.BUCKETS[:-1], dvp.BUCKETS[1:])]
-    lines = [f"Mismatch between vLLM (bf16) and the trainer (fp32), SmolLM2-135M-Instruct, {len(prompts)} prompts x {args.n} samples x <= {args.max_new_tokens} tokens"
+    lines = [f"Mismatch between vLLM ({dtype}) and the trainer (float32), SmolLM2-135M-Instruct, {len(prompts)} prompts x {args.n} samples x <= {args.max_new_tokens} tokens"
              + (f", engine noise delta = {args.engine_noise:g}" if args.engine_noise else "") + f". Wall time {wall:.0f} s.", "",
              "mean \\|log pi_S - log mu_S\\| by trainer probability bucket (token count in brackets), then the summary statistics:", "",
              "| rho | tokens | " + " | ".join(f"p in [{b.replace('_', ', ')})" for b in buckets) + " | max | K3 KL | chi2 | out-of-set | mean eps | bias bound/seq |",
@@ -136,7 +145,7 @@ BUDGET = ("--prompts-per-step", "4")
 
 
 def compare(args):
-    tag = (f"-noise{args.engine_noise:g}" if args.engine_noise else "") + (f"-seed{args.seed}" if args.seed else "")
+    tag = tag_of(args) + (f"-seed{args.seed}" if args.seed else "")
     runs = ROOT / "runs" / f"compare{tag}"
     t0 = time.time()
     for name, (rho, corr) in ARMS.items():
@@ -146,7 +155,7 @@ def compare(args):
         recs = read(d / "metrics.jsonl")
         cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(d), "--steps", str(args.steps), "--min-p", rho,
                "--correction", corr, "--seed", str(args.seed), "--engine-noise", str(args.engine_noise),
-               "--eval-every", str(args.eval_every), *BUDGET, *args.train_args]
+               "--eval-every", str(args.eval_every), "--engine-dtype", args.engine_dtype, *BUDGET, *args.train_args]
         if (d / "checkpoint.pt").exists():  # train.py refuses other settings, and does nothing if it is complete
             cmd.append("--resume")
         elif recs:  # stopped before its first checkpoint: keep what it wrote, start the arm again
@@ -212,6 +221,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["mismatch", "compare"])
     p.add_argument("--engine-noise", type=float, default=0.0, help="delta of the engine logit noise (train.py --engine-noise)")
+    p.add_argument("--engine-dtype", default="auto", help="vLLM's dtype (train.py --engine-dtype); not bfloat16 goes into the file names")
     p.add_argument("--out", default=str(ROOT / "figures"), help="where figures and tables go")
     p.add_argument("--prompts", type=int, default=64, help="mismatch: prompts")
     p.add_argument("--n", type=int, default=4, help="mismatch: samples per prompt")
