@@ -486,8 +486,15 @@ def test_reward_is_the_last_number_and_failures_name_the_sample(monkeypatch):
         train.score(["ok", "bad"], [1, 2])
 
 
+def test_engine_dtype_is_bfloat16_on_a_gpu_and_explicit_values_win():
+    import train
+    assert train.engine_dtype(train.Args(), torch.device("cuda")) == "bfloat16"
+    assert train.engine_dtype(train.Args(), torch.device("cpu")) in ("bfloat16", "float32")
+    assert train.engine_dtype(train.Args(engine_dtype="float32"), torch.device("cuda")) == "float32"
+
+
 @pytest.mark.parametrize("argv,msg", [(["--min-p", "1.5"], "--min-p"), (["--group-size", "1"], "--group-size"),
-                                      (["--correction", "foo"], "--correction")])
+                                      (["--correction", "foo"], "--correction"), (["--engine-dtype", "fp8"], "--engine-dtype")])
 def test_bad_command_line_is_rejected(argv, msg, capsys):
     import train
     with pytest.raises(SystemExit):
