@@ -74,9 +74,9 @@ class Args:
     sampling: a known, amplified training-inference mismatch (see README, 'Evidence')."""
     engine_dtype: str = "auto"
     """vLLM's dtype: "bfloat16", "float32", or "auto": bfloat16 on a GPU or on a CPU with AVX-512,
-    float32 on other CPUs (on AVX2 alone vLLM's bf16 runs about 10x slower). The engine always gets
-    the trainer's weights rounded to bf16; in float32 its arithmetic is not rounded, so the
-    natural mismatch is smaller (README, 'Evidence')."""
+    float32 on other CPUs (on AVX2 alone vLLM's bf16 runs about 3x slower than its fp32). The
+    engine always gets the trainer's weights rounded to bf16; in float32 its arithmetic is not
+    rounded, so the natural mismatch is smaller (README, 'Evidence')."""
     cache_dir: str = field(default_factory=lambda: os.environ.get("DVP_CACHE", str(Path.home() / ".cache" / "dvp")))
     """where the embedded model is converted to an HF folder (once)."""
 
