@@ -578,7 +578,7 @@ def test_weight_sync_changes_what_the_engine_returns(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     prompts = ["What is 2 + 2?", "Hello"]
     greedy = lambda: [r[1] for r in train.generate(llm, prompts, n=1, temperature=0, min_p=0.0, max_tokens=8)]
-    train.check_sync(llm, model)                               # fresh engine == trainer
+    train.sync_weights(llm, model)                             # engine == trainer (bf16-rounded), checked
     before = greedy()
     with torch.no_grad():                                      # only linear layers, which the CPU engine repacks
         for name, p in model.named_parameters():
