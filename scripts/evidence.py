@@ -7,15 +7,18 @@
 mismatch: samples a fixed prompt set (the held-out arithmetic problems, 4 completions each) at
 rho in {0, 1e-3, 1e-2, 1e-1}, recomputes every sampled token's log-prob in the trainer (fp32) over
 the trainer's own safe set, and reports dvp.mismatch_stats per rho: a markdown table
-(figures/mismatch[-noiseD][-float32].md) and a figure of |log pi - log mu| against p with the (1 - p) shape.
+(figures/mismatch[-noiseD][-float32].md) and a figure of |log pi - log mu| against p with the
+(1 - p) shape.
 
 compare: runs train.py once per arm with the same seed and budget, each in its own folder under
-runs/compare[-noiseD][-float32][-seedS]/ (an interrupted arm resumes, a complete one is not re-run, and train.py
-refuses to resume an arm with other settings: delete that folder to change them),
+runs/compare[-noiseD][-float32][-seedS]/ (an interrupted arm resumes, a complete one is not
+re-run, and train.py refuses to resume an arm with other settings: delete that folder to change
+them),
 then plots reward, held-out sampled accuracy, gradient norm, K3 KL and the bias bound against the
-step, all arms on one panel per metric (figures/compare[-noiseD][-float32][-seedS].png), and writes a summary table.
--float32 marks runs whose engine ran in float32 (--engine-dtype; auto picks it on CPUs without
-AVX-512, where vLLM's bf16 is slow). Arguments evidence.py does not know are passed to every arm's train.py (e.g. --prompts-per-step 4).
+step, all arms on one panel per metric (figures/compare[-noiseD][-float32][-seedS].png), and
+writes a summary table. -float32 marks runs whose engine ran in float32 (--engine-dtype; auto
+picks it on CPUs without AVX-512, where vLLM's bf16 is slow). Arguments evidence.py does not
+know are passed to every arm's train.py (e.g. --prompts-per-step 4).
 Plots need matplotlib, which the make targets install into .venv.
 """
 import argparse
@@ -35,9 +38,13 @@ import train  # noqa: E402
 RHOS = (0.0, 1e-3, 1e-2, 1e-1)
 
 
+def dtype_of(args):
+    return train.engine_dtype(train.Args(engine_dtype=args.engine_dtype), torch.device("cpu"))
+
+
 def tag_of(args):
     """File-name suffix: the engine noise, and the engine dtype where it is not bfloat16."""
-    dtype = train.engine_dtype(train.Args(engine_dtype=args.engine_dtype), torch.device("cpu"))
+    dtype = dtype_of(args)
     return (f"-noise{args.engine_noise:g}" if args.engine_noise else "") + ("" if dtype == "bfloat16" else f"-{dtype}")
 
 
@@ -70,7 +77,7 @@ def mismatch(args):
     prompts = [train.chat(tok, q) for q, _ in heldout[:args.prompts]]
     llm = train.start_engine(path, targs, torch.device("cpu"), max_model_len=192 + args.max_new_tokens, seed=0)
     train.sync_weights(llm, model)
-    dtype = train.engine_dtype(targs, torch.device("cpu"))
+    dtype = dtype_of(args)
     t0, rows, per_rho = time.time(), [], {}
     for rho in RHOS:
         d = measure(rho, llm, tok, model, prompts, args.n, args.max_new_tokens)
@@ -163,7 +170,8 @@ def compare(args):
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True)
     note = f"Wall time of this command: {(time.time() - t0) / 60:.1f} min (arms that were already complete take seconds)."
-    plot_compare(runs, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", args.engine_noise, note)
+    title = f"engine noise delta = {args.engine_noise:g}" if args.engine_noise else f"natural {dtype_of(args)} engine / float32 trainer mismatch"
+    plot_compare(runs, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", title, note)
 
 
 def read(path):
@@ -176,7 +184,7 @@ def latest(recs, kind):
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_compare(runs, png, md, noise, note):
+def plot_compare(runs, png, md, title, note):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,7 +216,7 @@ def plot_compare(runs, png, md, noise, note):
                      f"{mean('out_of_set_frac'):.1e} | {mean('bias_bound'):.3f} | {wall / 60:.1f} min |")
     axes.flat[4].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Same seed and budget per arm" + (f", engine noise delta = {noise:g}" if noise else ", natural bf16/fp32 mismatch"))
+    fig.suptitle(f"Same seed and budget per arm, {title}")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     lines += ["", note]
