@@ -200,13 +200,13 @@ def plot_compare(runs, png, md, title, note):
         tr, ev = latest(recs, "train"), latest(recs, "eval")
         if not tr:
             continue
-        for ax, (key, title) in zip(axes.flat, metrics):
+        for ax, (key, panel) in zip(axes.flat, metrics):
             src = ev if key.endswith("_acc") else tr
             xs, ys = [r["step"] for r in src], [r[key] for r in src]
             if key == "reward":
                 ys = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]
             ax.plot(xs, ys, label=name, marker="o" if key.endswith("_acc") else None, ms=3)
-            ax.set_title(title, fontsize=10), ax.set_xlabel("step")
+            ax.set_title(panel, fontsize=10), ax.set_xlabel("step")
         mean = lambda k: sum(r[k] for r in tr) / len(tr)
         unpruned = lambda e: e.get("sampled_acc_unpruned", e["sampled_acc"])
         wall = sum(r["time_generate"] + r["time_train"] + r["time_sync"] for r in tr)
