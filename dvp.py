@@ -36,7 +36,10 @@ Beyond the abstract (our choices, say so when you cite them):
 - `pruned_logprobs_from_hidden`: the same computation from hidden states, in chunks, so that
   (N, V) logits never exist (a memory optimisation, not part of the method);
 - token-level loss normalisation, a PPO-clipped ratio when old log-probs are given, and the
-  TIS / MIS corrections of other frameworks, for comparison only;
+  TIS / MIS / geometric-mean corrections of other frameworks, for comparison only;
+- mask replay (`keep=`): the trainer renormalises over the set the sampler kept instead of its
+  own (the frameworks' "keep sampling mask"; see pruned_logprobs);
+- every mask may be bool, integer or float 0/1, as TRL and verl pass them (`as_bool_mask`);
 - `mismatch_stats`: the diagnostics we log; buckets are by the trainer's (pruned) probability.
 """
 import math
@@ -58,6 +61,16 @@ def _check_min_p(min_p):
     if not isinstance(min_p, (int, float)) or not 0.0 <= min_p <= 1.0:  # also rejects NaN
         raise ValueError(f"min_p must be a number in [0, 1], got {min_p!r}")
     return math.log(min_p) if min_p > 0 else -math.inf
+
+
+def as_bool_mask(mask, name="mask"):
+    """A 0/1 mask of any dtype as bool: TRL's completion_mask is integer, verl's response_mask is
+    float. Any other value (2, 0.5, NaN) raises ValueError naming the argument."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must be a bool tensor or hold only 0 and 1, got dtype {mask.dtype} with other values")
+    return mask != 0
 
 
 def safe_mask(logits, min_p):
@@ -97,26 +110,27 @@ def _validate(z, tokens):
                          f"[{int(tokens.min())}, {int(tokens.max())}]")
 
 
-def _row_stats(z, tok, log_min_p):
-    """z (R, V) in float32/64, tok (R,) -> per-row logp, in_set, pruned_mass, lse_S, threshold,
-    and whether every logit of the row was finite."""
+def _row_stats(z, tok, log_min_p, keep=None):
+    """z (R, V) in float32/64, tok (R,), keep (R, V) bool or None (None: the min_p rule) -> per-row
+    logp, in_set, pruned_mass, lse_S, threshold, and whether every logit of the row was finite."""
     m = z.amax(-1)                                       # (R,)
     finite = torch.isfinite(z.sum(-1))                   # NaN/inf anywhere in the row; much cheaper than aminmax
     thresh = m + log_min_p                               # (R,); -inf when min_p == 0
     e = (z - m[:, None]).exp_()                          # (R, V), values in [0, 1]; in place: one temporary
     s_all = e.sum(-1)
-    if log_min_p == -math.inf:
+    if keep is None and log_min_p == -math.inf:
         s_out = torch.zeros_like(s_all)
     else:  # mass outside S summed directly, so tiny eps is not lost to cancellation
-        s_out = e.masked_fill_(z >= thresh[:, None], 0.0).sum(-1)
-    lse_S = m + torch.log(s_all - s_out)                 # s_all - s_out >= 1 (the argmax)
+        s_out = e.masked_fill_(z >= thresh[:, None] if keep is None else keep, 0.0).sum(-1)
+    lse_S = m + torch.log(s_all - s_out)                 # min_p rule: s_all - s_out >= 1 (the argmax)
     z_a = z.gather(-1, tok[:, None]).squeeze(-1)
-    return z_a - lse_S, z_a >= thresh, s_out / s_all, lse_S, thresh, finite
+    in_set = z_a >= thresh if keep is None else keep.gather(-1, tok[:, None]).squeeze(-1)
+    return z_a - lse_S, in_set, s_out / s_all, lse_S, thresh, finite
 
 
-def _row_grad(z, tok, lse_S, thresh, g):
+def _row_grad(z, tok, lse_S, thresh, g, keep=None):
     """d(sum g * logp)/dz for one block: g * (onehot(tok) - pi_S). z (R, V) -> (R, V)."""
-    p_S = (z - lse_S[:, None]).exp_().masked_fill_(z < thresh[:, None], 0.0)
+    p_S = (z - lse_S[:, None]).exp_().masked_fill_(z < thresh[:, None] if keep is None else ~keep, 0.0)
     grad = p_S.mul_(-g[:, None])
     grad.scatter_add_(-1, tok[:, None], g[:, None])
     return grad
@@ -126,23 +140,57 @@ def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _forward_blocks(logit_block, N, tok, log_min_p, rows):
+def _keep_rows(keep, N, V, device):
+    """The caller's kept set (mask replay) -> a function (i, j) -> bool (j - i, V) for rows i..j-1,
+    built one block at a time (a CSR set never becomes an (N, V) tensor). keep=None -> None."""
+    if keep is None:
+        return lambda i, j: None
+    if isinstance(keep, torch.Tensor):
+        if keep.shape[-1] != V or keep.numel() != N * V:
+            raise ValueError(f"keep must be shaped like the logits (..., {V}) over {N} positions, got {tuple(keep.shape)}")
+        keep = as_bool_mask(keep, "keep").reshape(N, V).to(device)
+        if N and not bool(keep.any(-1).all()):
+            raise ValueError("keep: some position keeps no token")
+        return lambda i, j: keep[i:j]
+    if not isinstance(keep, (tuple, list)) or len(keep) != 2:
+        raise ValueError("keep must be a bool tensor (..., V) or vLLM's CSR pair (token_ids, offsets)")
+    ids, offsets = (torch.as_tensor(x, device=device) for x in keep)
+    if ids.dim() != 1 or offsets.shape != (N + 1,) or ids.dtype.is_floating_point or offsets.dtype.is_floating_point:
+        raise ValueError(f"keep=(token_ids, offsets): expected integer token_ids (nnz,) and offsets ({N + 1},) "
+                         f"for {N} positions, got {tuple(ids.shape)} {ids.dtype} and {tuple(offsets.shape)} {offsets.dtype}")
+    counts = offsets.diff()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel() or bool((counts < 1).any()):
+        raise ValueError("keep=(token_ids, offsets): offsets must start at 0, end at len(token_ids) and grow by "
+                         ">= 1 per position (every position keeps a token)")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"keep=(token_ids, offsets): token ids must lie in [0, {V})")
+
+    def rows(i, j):
+        out = torch.zeros(j - i, V, dtype=torch.bool, device=device)
+        out[torch.arange(j - i, device=device).repeat_interleave(counts[i:j]), ids[offsets[i]:offsets[j]]] = True
+        return out
+    return rows
+
+
+def _forward_blocks(logit_block, N, tok, log_min_p, rows, keep_rows):
     """Run _row_stats over row blocks [i, i + rows) of logits produced by logit_block(i, j)."""
-    outs = [_row_stats(logit_block(i, min(i + rows, N)), tok[i:i + rows], log_min_p)
+    outs = [_row_stats(logit_block(i, min(i + rows, N)), tok[i:i + rows], log_min_p, keep_rows(i, min(i + rows, N)))
             for i in range(0, max(N, 1), rows)]  # N == 0: one empty block, so that empty input gives empty output
     logp, in_set, eps, lse_S, thresh, finite = (torch.cat(x) for x in zip(*outs))
     if not bool(finite.all()):
         raise ValueError("logits contain NaN or inf")
+    if not bool(torch.isfinite(lse_S).all()):
+        raise ValueError("keep: at some position the kept tokens have no probability mass under these logits")
     return logp, in_set, eps, lse_S, thresh
 
 
 class _PrunedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, tok, log_min_p):  # z (N, V), tok (N,)
+    def forward(ctx, z, tok, log_min_p, keep_rows):  # z (N, V), tok (N,)
         cd = _compute_dtype(z)
-        ctx.rows = _block_rows(z.shape[-1], z.device)
+        ctx.rows, ctx.keep_rows = _block_rows(z.shape[-1], z.device), keep_rows
         logp, in_set, eps, lse_S, thresh = _forward_blocks(
-            lambda i, j: z[i:j].to(cd), z.shape[0], tok, log_min_p, ctx.rows)
+            lambda i, j: z[i:j].to(cd), z.shape[0], tok, log_min_p, ctx.rows, keep_rows)
         ctx.save_for_backward(z, tok, lse_S, thresh)
         ctx.mark_non_differentiable(in_set, eps)
         return logp, in_set, eps
@@ -153,11 +201,12 @@ class _PrunedLogProbs(torch.autograd.Function):
         grad = torch.empty_like(z)
         for i in range(0, z.shape[0], ctx.rows):
             s = slice(i, i + ctx.rows)
-            grad[s] = _row_grad(z[s].to(lse_S.dtype), tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype))
-        return grad, None, None
+            grad[s] = _row_grad(z[s].to(lse_S.dtype), tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype),
+                                ctx.keep_rows(i, min(i + ctx.rows, z.shape[0])))
+        return grad, None, None, None
 
 
-def pruned_logprobs(logits, tokens, min_p):
+def pruned_logprobs(logits, tokens, min_p, *, keep=None):
     """log pi_S(token) over the trainer's safe set.
 
     logits (..., V) float32/bfloat16/float16/float64 (computed in float32, float64 stays float64),
@@ -165,22 +214,32 @@ def pruned_logprobs(logits, tokens, min_p):
     tokens. `logp` is differentiable w.r.t. logits. Where `in_set` is False, pi_S(token) = 0;
     `logp` then holds the finite value z_a - logsumexp_S(z) (below log(min_p)), which the loss must
     mask out (grpo_loss does, via its mask). min_p = 0 gives plain log_softmax(logits)[token].
+
+    Mask replay: `keep` replaces the min_p rule (min_p is then ignored) by the set the sampler kept,
+    either a 0/1 tensor shaped like the logits (..., V) or vLLM's CSR pair (token_ids, offsets)
+    over the flattened positions (position n kept token_ids[offsets[n]:offsets[n+1]]). Then S(s)
+    is the sampler's set, pruned_mass is the trainer's mass outside it, and in_set says whether
+    the token is in it (always True for the tokens that sampler drew). Replay versus DVP's own set:
+    replay has no out-of-set tokens, but its set comes from the engine's numerics and must travel
+    with the rollout; the trainer's own set needs nothing from the engine, and the few sampled
+    tokens it misses (a few per ten thousand here) are masked and counted.
     """
     log_min_p = _check_min_p(min_p)
     _validate(logits, tokens)
     V = logits.shape[-1]
-    logp, in_set, eps = _PrunedLogProbs.apply(logits.reshape(-1, V), tokens.reshape(-1), log_min_p)
+    keep_rows = _keep_rows(keep, tokens.numel(), V, logits.device)
+    logp, in_set, eps = _PrunedLogProbs.apply(logits.reshape(-1, V), tokens.reshape(-1), log_min_p, keep_rows)
     return PrunedLogProbs(*(x.view(tokens.shape) for x in (logp, in_set, eps)))
 
 
 class _PrunedLogProbsFromHidden(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, tok, log_min_p, chunk_size):  # h (N, D), w (V, D), tok (N,)
+    def forward(ctx, h, w, tok, log_min_p, chunk_size, keep_rows):  # h (N, D), w (V, D), tok (N,)
         cd = _compute_dtype(h)
         logit_block = lambda i, j: (h[i:j] @ w.T).to(cd)  # (chunk, V): the only big tensor
         logp, in_set, eps, lse_S, thresh = _forward_blocks(
-            logit_block, h.shape[0], tok, log_min_p, chunk_size)
-        ctx.chunk_size = chunk_size
+            logit_block, h.shape[0], tok, log_min_p, chunk_size, keep_rows)
+        ctx.chunk_size, ctx.keep_rows = chunk_size, keep_rows
         ctx.save_for_backward(h, w, tok, lse_S, thresh)
         ctx.mark_non_differentiable(in_set, eps)
         return logp, in_set, eps
@@ -193,14 +252,16 @@ class _PrunedLogProbsFromHidden(torch.autograd.Function):
         for i in range(0, h.shape[0], ctx.chunk_size):
             s = slice(i, i + ctx.chunk_size)
             z = (h[s] @ w.T).to(lse_S.dtype)  # recomputed, exactly as in forward
-            gz = _row_grad(z, tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype))
+            gz = _row_grad(z, tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype),
+                           ctx.keep_rows(i, min(i + ctx.chunk_size, h.shape[0])))
             grad_h[s] = (gz.to(h.dtype) @ w).to(h.dtype)
             grad_w += gz.T @ h[s].to(gz.dtype)
-        return grad_h, grad_w.to(w.dtype), None, None, None
+        return grad_h, grad_w.to(w.dtype), None, None, None, None
 
 
-def pruned_logprobs_from_hidden(hidden, weight, tokens, min_p, *, chunk_size=1024):
-    """pruned_logprobs(hidden @ weight.T, tokens, min_p) without ever holding the (N, V) logits.
+def pruned_logprobs_from_hidden(hidden, weight, tokens, min_p, *, chunk_size=1024, keep=None):
+    """pruned_logprobs(hidden @ weight.T, tokens, min_p, keep=keep) without ever holding the (N, V)
+    logits.
 
     hidden (..., D), weight (V, D) (the output embedding / lm_head, no bias), tokens (...).
     Logits are made `chunk_size` positions at a time, forward and again in backward, so the
@@ -214,8 +275,9 @@ def pruned_logprobs_from_hidden(hidden, weight, tokens, min_p, *, chunk_size=102
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _validate(torch.empty(hidden.shape[:-1] + (weight.shape[0],), device="meta"), tokens)
+    keep_rows = _keep_rows(keep, tokens.numel(), weight.shape[0], hidden.device)
     logp, in_set, eps = _PrunedLogProbsFromHidden.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), log_min_p, chunk_size)
+        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), log_min_p, chunk_size, keep_rows)
     return PrunedLogProbs(*(x.view(tokens.shape) for x in (logp, in_set, eps)))
 
 
@@ -240,8 +302,8 @@ def grpo_loss(logp, advantages, mask, *, old_logp=None, clip_eps=0.2, weights=No
     or, when old_logp is given, f_it = min(r A_i, clip(r, 1 - clip_eps, 1 + clip_eps) A_i) with
     r = exp(logp - old_logp) (PPO); with old_logp = logp.detach() both have the same gradient.
 
-    logp (B, T) from pruned_logprobs; advantages (B,); mask (B, T) bool: real completion tokens that
-    are also in the trainer's safe set (mask & in_set). weights (B, T) or (B,): optional detached
+    logp (B, T) from pruned_logprobs; advantages (B,); mask (B, T) 0/1 (bool, int or float): real
+    completion tokens that are also in the trainer's safe set (mask & in_set). weights (B, T) or (B,): optional detached
     per-token / per-sequence factors (tis_weights, mis_mask). num_tokens: the denominator, when this
     call sees one micro-batch of a larger batch (default mask.sum()). Masked positions never reach
     the sum (torch.where, not a product), so -inf/NaN there cannot leak; an empty mask gives 0.
@@ -249,6 +311,7 @@ def grpo_loss(logp, advantages, mask, *, old_logp=None, clip_eps=0.2, weights=No
     if logp.shape != mask.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"expected logp (B, T), mask (B, T), advantages (B,); got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
+    mask = as_bool_mask(mask)
     A = advantages[:, None].to(logp.dtype)
     if old_logp is None:
         f = A * logp
@@ -271,8 +334,18 @@ def tis_weights(logp, engine_logp, cap=2.0):
 def mis_mask(logp, engine_logp, mask, cap=3.0):
     """Sequence-level masked importance sampling (TRL sequence_mask): keep a sequence when
     exp(sum_t log pi - log mu) lies in [1/cap, cap]. (B, T) -> bool (B,)."""
-    log_ratio = torch.where(mask, logp.detach() - engine_logp, 0.0).sum(-1)
+    log_ratio = torch.where(as_bool_mask(mask), logp.detach() - engine_logp, 0.0).sum(-1)
     return log_ratio.abs() <= math.log(cap)
+
+
+def geo_mask(logp, engine_logp, mask, lo=0.999, hi=1.001):
+    """Geometric-mean sequence masking (verl's Geo-RS, rollout_rs="seq_mean_k1"; SkyRL "geometric"):
+    keep a sequence when exp(mean over its masked tokens of log pi - log mu) lies in [lo, hi].
+    The default is verl's, set for completions of thousands of tokens; short completions need a
+    wider interval (train.py states its own). (B, T) -> bool (B,); an empty sequence is kept."""
+    mask = as_bool_mask(mask)
+    mean = torch.where(mask, logp.detach() - engine_logp, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
+    return (mean >= math.log(lo)) & (mean <= math.log(hi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +354,12 @@ def mis_mask(logp, engine_logp, mask, cap=3.0):
 def bias_bound(pruned_mass, mask, reward_range=1.0):
     """Per-sequence bound term reward_range * sum_t mask * eps(s_t): (B, T) -> (B,). Its mean over
     sequences sampled from pi_S bounds |J(pi_S) - J(pi)| (module docstring, 'The price')."""
-    return reward_range * torch.where(mask, pruned_mass, 0.0).sum(-1)
+    return reward_range * torch.where(as_bool_mask(mask), pruned_mass, 0.0).sum(-1)
 
 
 def worst_case_bias_bound(pruned_mass, mask, reward_range=1.0):
     """The looser reward_range * T * max eps, with T the longest sequence in the batch."""
+    mask = as_bool_mask(mask)
     eps_max = torch.where(mask, pruned_mass, 0.0).max() if mask.any() else pruned_mass.new_zeros(())
     return reward_range * float(mask.sum(-1).max()) * float(eps_max)
 
@@ -294,7 +368,7 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
     """Diagnostics of the trainer/engine mismatch over sampled tokens, as a dict of floats.
 
     logp: trainer log pi_S(y_t) (B, T); engine_logp: log mu_S(y_t) from the engine; mask (B, T)
-    bool: real completion tokens; in_set (B, T): from pruned_logprobs (default: all True);
+    0/1: real completion tokens; in_set (B, T): from pruned_logprobs (default: all True);
     pruned_mass (B, T): adds pruned-mass and bias-bound entries. With r = log pi - log mu over
     tokens in mask & in_set:
       mismatch_mean / mismatch_max  mean / max |r|
@@ -303,8 +377,8 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
       out_of_set_frac  fraction of mask tokens outside the trainer's safe set
       gap_<lo>_<hi> / count_<lo>_<hi>  mean |r| and token count per trainer-probability bucket
     """
-    mask = mask.bool()
-    in_set = torch.ones_like(mask) if in_set is None else in_set
+    mask = as_bool_mask(mask)
+    in_set = torch.ones_like(mask) if in_set is None else as_bool_mask(in_set, "in_set")
     ok = mask & in_set
     r = (logp.detach().double() - engine_logp.double())[ok]
     n = r.numel()

