@@ -254,8 +254,9 @@ class _PrunedLogProbsFromHidden(torch.autograd.Function):
             z = (h[s] @ w.T).to(lse_S.dtype)  # recomputed, exactly as in forward
             gz = _row_grad(z, tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype),
                            ctx.keep_rows(i, min(i + ctx.chunk_size, h.shape[0])))
-            grad_h[s] = (gz.to(h.dtype) @ w).to(h.dtype)
-            grad_w += gz.T @ h[s].to(gz.dtype)
+            gz = gz.to(h.dtype)                # the matmuls in the inputs' dtype, as in forward (bf16 stays bf16)
+            grad_h[s] = gz @ w
+            grad_w += gz.T @ h[s]
         return grad_h, grad_w.to(w.dtype), None, None, None, None
 
 

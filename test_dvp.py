@@ -334,6 +334,139 @@ def test_tis_weights_and_mis_mask_match_reference():
     assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, True]
 
 
+def test_geo_mask_matches_reference():
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.1, 0.1], [0.3, 0.3, 0.3]]))
+    mu = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.2, 0.1], [0.3, 0.3, 0.3]]))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    # per-sequence geometric mean of pi/mu: 1, (1 * 0.5 * 1)^(1/3) = 0.794, empty sequence (kept)
+    assert dvp.geo_mask(logp, mu, mask).tolist() == [True, False, True]
+    assert dvp.geo_mask(logp, mu, mask, lo=0.79, hi=1.01).tolist() == [True, True, True]
+    assert dvp.geo_mask(logp, mu, mask, lo=0.8, hi=1.01).tolist() == [True, False, True]
+    mask[1, 1] = False                                                  # masked tokens do not count
+    assert dvp.geo_mask(logp, mu, mask).tolist() == [True, True, True]
+
+
+# --- masks as TRL (integer) and verl (float) pass them ------------------------------------------
+
+def _mask_calls():
+    g = torch.Generator().manual_seed(5)
+    logp = torch.log(torch.rand(4, 6, generator=g, dtype=torch.float64).clamp_min(1e-3)).requires_grad_()
+    mu = logp.detach() + 0.3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    A, eps = torch.randn(4, generator=g, dtype=torch.float64), 0.01 * torch.rand(4, 6, generator=g, dtype=torch.float64)
+    return {
+        "grpo_loss": lambda m: dvp.grpo_loss(logp, A, m),
+        "grpo_loss clipped": lambda m: dvp.grpo_loss(logp, A, m, old_logp=mu),
+        "mis_mask": lambda m: dvp.mis_mask(logp, mu, m, cap=1.5),
+        "geo_mask": lambda m: dvp.geo_mask(logp, mu, m, lo=0.9, hi=1.1),
+        "bias_bound": lambda m: dvp.bias_bound(eps, m),
+        "worst_case_bias_bound": lambda m: torch.tensor(dvp.worst_case_bias_bound(eps, m)),
+        "mismatch_stats": lambda m: torch.tensor([v for v in dvp.mismatch_stats(logp, mu, m, m, eps).values() if not math.isnan(v)]),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", list(_mask_calls()))
+def test_integer_and_float_masks_give_exactly_the_bool_result(name, dtype):
+    call = _mask_calls()[name]
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) > 0.3
+    assert torch.equal(call(mask.to(dtype)), call(mask)), f"{name} with a {dtype} mask differs from the bool mask"
+
+
+@pytest.mark.parametrize("bad", [2, 0.5, math.nan, -1])
+@pytest.mark.parametrize("name", list(_mask_calls()))
+def test_masks_with_other_values_are_rejected_naming_the_argument(name, bad):
+    mask = torch.ones(4, 6)
+    mask[1, 2] = bad
+    with pytest.raises(ValueError, match="mask must be"):
+        _mask_calls()[name](mask)
+
+
+# --- mask replay: the sampler's kept set instead of the trainer's own ----------------------------
+
+def naive_replay(z, tokens, keep):
+    """Reference: renormalise softmax over an arbitrary kept set, in probability space."""
+    p = z.double().softmax(-1)
+    p_S = torch.where(keep, p, 0.0) / torch.where(keep, p, 0.0).sum(-1, keepdim=True)
+    tok = tokens[..., None]
+    return p_S.gather(-1, tok).squeeze(-1).log(), keep.gather(-1, tok).squeeze(-1), 1 - torch.where(keep, p, 0.0).sum(-1)
+
+
+def random_keep(N, V, seed):
+    """A kept set per position as a sampler might return it: a random subset, never empty."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(N, V, generator=g) < 0.3
+    keep[torch.arange(N), torch.randint(V, (N,), generator=g)] = True
+    return keep
+
+
+def to_csr(keep):
+    """bool (N, V) -> vLLM's (token_ids, offsets)."""
+    ids = [torch.nonzero(row).flatten() for row in keep]
+    return torch.cat(ids), torch.tensor([0] + [len(x) for x in ids]).cumsum(0)
+
+
+@pytest.mark.parametrize("form", ["bool", "int", "csr"])
+def test_mask_replay_matches_naive_reference_with_gradients(form):
+    N, V = 12, 40
+    z = rand_logits(N, V, seed=3).requires_grad_()
+    keep = random_keep(N, V, seed=4)
+    tokens = torch.where(torch.arange(N) % 3 == 0, torch.randint(V, (N,), generator=torch.Generator().manual_seed(5)),
+                         torch.multinomial(keep.double(), 1, generator=torch.Generator().manual_seed(6)).squeeze(-1))
+    given = {"bool": keep, "int": keep.long(), "csr": to_csr(keep)}[form]
+    out = dvp.pruned_logprobs(z, tokens, 0.5, keep=given)              # min_p is ignored when keep is given
+    ref_logp, ref_in, ref_eps = naive_replay(z.detach(), tokens, keep)
+    assert torch.equal(out.in_set, ref_in)
+    assert (~ref_in).any() and ref_in.any(), "the test should cover tokens inside and outside the kept set"
+    torch.testing.assert_close(out.logp[ref_in], ref_logp[ref_in])
+    torch.testing.assert_close(out.pruned_mass, ref_eps)
+    w = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    (g,) = torch.autograd.grad((torch.where(out.in_set, out.logp, 0.0) * w).sum(), z)
+    zz = z.detach().clone().requires_grad_()
+    ref = torch.where(keep, zz, -math.inf).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    (g_ref,) = torch.autograd.grad((torch.where(ref_in, ref, 0.0) * w).sum(), zz)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("form", ["bool", "csr"])
+def test_mask_replay_from_hidden_equals_full_logits_in_any_chunk(form):
+    N, D, V = 10, 8, 30
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(V, D, generator=g, dtype=torch.float64).requires_grad_()
+    keep = random_keep(N, V, seed=9)
+    tokens = torch.randint(V, (N,), generator=g)
+    given = keep if form == "bool" else to_csr(keep)
+    ref = dvp.pruned_logprobs(h @ w.T, tokens, 0.0, keep=keep)
+    ref_grads = torch.autograd.grad(ref.logp.sum(), (h, w))
+    for chunk in (1, 3, 100):
+        out = dvp.pruned_logprobs_from_hidden(h, w, tokens, 0.0, chunk_size=chunk, keep=given)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(torch.autograd.grad(out.logp.sum(), (h, w)), ref_grads):
+            torch.testing.assert_close(a, b)
+
+
+def test_replaying_the_min_p_set_equals_the_min_p_rule():
+    z = rand_logits(3, 7, 50, seed=10)
+    tokens = torch.randint(50, (3, 7), generator=torch.Generator().manual_seed(11))
+    own = dvp.pruned_logprobs(z, tokens, 0.05)
+    replay = dvp.pruned_logprobs(z, tokens, 0.0, keep=dvp.safe_mask(z, 0.05))   # keep shaped (..., V)
+    for a, b in zip(own, replay):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_kept_sets_are_rejected():
+    z, tokens = rand_logits(4, 10, seed=12), torch.zeros(4, dtype=torch.long)
+    keep = torch.ones(4, 10, dtype=torch.bool)
+    ids, offsets = to_csr(keep)
+    cases = [(keep[:, :9], "shaped like the logits"), (keep.clone().index_fill_(0, torch.tensor([2]), False), "keeps no token"),
+             (keep * 2, "keep must be"), ((ids, offsets[:-1]), "offsets"), ((ids.float(), offsets), "integer"),
+             ((ids + 10, offsets), r"\[0, 10\)"), ((ids, offsets.flip(0)), "offsets must start at 0"), (keep.tolist(), "CSR pair")]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            dvp.pruned_logprobs(z, tokens, 0.0, keep=bad)
+
+
 def test_mismatch_stats_match_reference():
     g = torch.Generator().manual_seed(11)
     logp = torch.log(torch.rand(5, 40, generator=g, dtype=torch.float64).clamp_min(1e-5))
@@ -494,7 +627,8 @@ def test_engine_dtype_is_bfloat16_on_a_gpu_and_explicit_values_win():
 
 
 @pytest.mark.parametrize("argv,msg", [(["--min-p", "1.5"], "--min-p"), (["--group-size", "1"], "--group-size"),
-                                      (["--correction", "foo"], "--correction"), (["--engine-dtype", "fp8"], "--engine-dtype")])
+                                      (["--correction", "foo"], "--correction"), (["--engine-dtype", "fp8"], "--engine-dtype"),
+                                      (["--trainer-dtype", "float16"], "--trainer-dtype")])
 def test_bad_command_line_is_rejected(argv, msg, capsys):
     import train
     with pytest.raises(SystemExit):
@@ -511,6 +645,28 @@ def test_missing_vllm_and_model_give_clear_errors(monkeypatch, tmp_path):
         train.resolve_model(train.Args(model=str(tmp_path / "nope")))
     with pytest.raises(SystemExit, match="config.json"):
         train.resolve_model(train.Args(model=str(tmp_path)))
+
+
+def test_unknown_kv_cache_dtype_names_what_vllm_accepts():
+    import train
+    with pytest.raises(SystemExit, match="vLLM accepts.*fp8"):
+        train.start_engine("x", train.Args(engine_kv_dtype="fp9"), torch.device("cpu"), max_model_len=64, seed=0)
+
+
+def test_bf16_trainer_logprobs_are_close_to_fp32_and_differentiable(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts, completions = [[1, 5, 9, 33], [7, 8]], [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]
+    ref, _ = train.trainer_logprobs(model, prompts, completions, 2, 0.0)
+    out, _ = train.trainer_logprobs(model, prompts, completions, 2, 0.0, dtype=torch.bfloat16)
+    assert out.logp.dtype == torch.float32, "dvp.py's softmax stays float32 under the bf16 trainer"
+    real = ref.in_set
+    # bf16 keeps 8 bits of mantissa: about 1 % of these large (|log p| ~ 15) log-probs
+    torch.testing.assert_close(out.logp[real], ref.logp[real], rtol=0.03, atol=0.03)
+    out.logp.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), "fp32 master gradients"
 
 
 def read_jsonl(path):
@@ -558,6 +714,20 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
 
 
+def test_fp8_kv_cache_run_with_the_geo_mask_is_recorded_and_quiet(tiny_model, tmp_path):
+    import json
+    out = tmp_path / "fp8"
+    r = run_train("--model", str(tiny_model), "--out", str(out), "--group-size", "2", "--prompts-per-step", "4",
+                  "--max-new-tokens", "8", "--eval-size", "4", "--steps", "1", "--min-p", "0", "--correction", "geo",
+                  "--engine-kv-dtype", "fp8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "args.json").read_text())["engine_kv_dtype"] == "fp8"
+    rec = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train"][0]
+    assert 0.0 <= rec["seq_rejected_frac"] <= 1.0 and rec["mismatch_mean"] > 0
+    assert " INFO " not in r.stdout + r.stderr, "vLLM's INFO logging should be off by default"
+    assert "Done: 1 steps" in r.stdout and "--resume" in r.stdout, "the run ends with a summary and how to resume"
+
+
 def test_engine_noise_amplifies_the_measured_mismatch(tiny_model, tmp_path):
     common = ["--model", str(tiny_model), "--group-size", "2", "--prompts-per-step", "4", "--max-new-tokens", "8",
               "--eval-size", "2", "--steps", "1", "--min-p", "0"]
@@ -590,3 +760,66 @@ def test_weight_sync_changes_what_the_engine_returns(tiny_model):
         model.model.norm.weight.mul_(2.0)                      # trainer moves on, engine not told
     with pytest.raises(RuntimeError, match="did not apply"):
         train.check_sync(llm, model)
+
+
+# --- DVP inside TRL's GRPOTrainer (examples.py) --------------------------------------------------
+
+def make_trl_trainer(tiny_model, tmp_path, min_p, **overrides):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    from examples import DVPGRPOTrainer, GRPOConfig
+    ds = datasets.Dataset.from_dict({"prompt": [f"What is {a} + {a}?" for a in range(8)], "answer": [2 * a for a in range(8)]})
+    reward = lambda completions, **_: [float(sum(map(ord, c)) % 2) for c in completions]   # arbitrary but varied
+    kw = dict(output_dir=str(tmp_path / "trl"), min_p=min_p, num_generations=2, per_device_train_batch_size=4,
+              max_completion_length=8, learning_rate=1e-3, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+              bf16=False, use_vllm=False, save_strategy="no", seed=0)
+    return DVPGRPOTrainer(model=str(tiny_model), reward_funcs=reward, args=GRPOConfig(**{**kw, **overrides}), train_dataset=ds)
+
+
+def test_trl_dvp_logprobs_equal_trls_own_when_min_p_is_zero(tiny_model, tmp_path):
+    from trl import GRPOTrainer
+    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.0, temperature=0.7)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 1000, (3, 12), generator=g)
+    am = torch.ones_like(ids)
+    am[0, :3] = 0                                                       # a left-padded prompt
+    am[1, -2:] = 0                                                      # a completion that ended early
+    model = trainer.model
+    ours, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, am, 5, compute_entropy=True)
+    theirs, ent_trl, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, am, 5, compute_entropy=True)
+    real = am[:, -5:].bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent[real], ent_trl[real], rtol=1e-3, atol=1e-3)
+
+
+def test_trl_dvp_masks_and_counts_out_of_set_tokens(tiny_model, tmp_path):
+    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05)
+    model = trainer.model
+    ids = torch.randint(100, 1000, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():                                               # completion: 3 greedy tokens, then the least likely
+        for _ in range(3):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmin(-1)], 1)
+        z = model(input_ids=ids).logits[:, -5:-1]                       # (2, 4): the states that predict the completion
+    in_set = dvp.safe_mask(z, 0.05).gather(-1, ids[:, -4:, None]).squeeze(-1)
+    assert in_set[:, :3].all() and not in_set[:, 3].any()
+    model.train()                                                       # metrics go to "train"
+    logp, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 4)
+    head = model.get_output_embeddings().weight
+    (g_out,) = torch.autograd.grad(logp[:, 3].sum(), head, retain_graph=True, allow_unused=True)
+    (g_in,) = torch.autograd.grad(logp[:, :3].sum(), head)
+    assert g_out is None or not g_out.any(), "an out-of-set token must not send a gradient"
+    assert g_in.abs().sum() > 0 and torch.isfinite(logp).all()
+    assert trainer._metrics["train"]["dvp/out_of_set_frac"][-1] == pytest.approx(2 / 8), "2 of 8 tokens are out of the set"
+
+
+def test_trl_grpo_trainer_trains_two_steps_with_dvp(tiny_model, tmp_path):
+    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [x for x in trainer.state.log_history if "loss" in x]
+    assert len(logs) == 2, trainer.state.log_history
+    for x in logs:
+        assert math.isfinite(float(x["loss"])) and 0 < float(x["dvp/pruned_mass"]) < 1, x
+        assert float(x["dvp/out_of_set_frac"]) == 0.0, "generate and the trainer share numerics here: nothing falls outside"
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no parameter changed"

@@ -8,6 +8,10 @@ Measures, in fp32, with N positions and vocabulary size V:
                log_softmax(hidden @ weight.T, -1).gather(...), D = 576 (SmolLM2's hidden size),
                fwd+bwd (grads w.r.t. hidden and weight), at the same N and V, and at N = 2048 and
                8192 with the same C: DVP's peak is one chunk's worth whatever N, plain grows with N.
+grpo rows   the trainer phase of one default GRPO step on the real model (8 prompts x 8 completions of
+            10-40 tokens, train.trainer_logprobs + backward + AdamW), fp32 and, on a GPU or a CPU with
+            AVX512-BF16/AMX, bf16 autocast; with its matmul FLOPs, the achieved rate, and as the ceiling
+            this machine's own matmul rate at the model's shapes in the same dtype.
 Logits are Zipf-like (a few head tokens, a long tail, like an LM's), seeded. Each row runs in fresh
 subprocesses, plain and DVP on the same inputs. Time: a warm-up call each, then the median
 [min-max] of --repeats calls, plain and DVP alternating (both see the same load and heap state);
@@ -18,7 +22,8 @@ set to mmap every allocation >= 64 KiB so that RSS follows the live tensors, not
 keeps; on CUDA torch.cuda.max_memory_allocated.
 The table is markdown, ready to paste into the README.
 
-Run:  make bench                       (CPU: about 4-5 minutes on 2 cores)
+Run:  make bench                       (CPU: about 7-8 minutes on 2 cores)
+      make bench ARGS="--only grpo"    (the GRPO-step rows alone, about 2 minutes)
       make bench ARGS=--quick          (small sizes, under a minute)
       .venv/bin/python scripts/bench.py --help
       .venv/bin/python scripts/bench.py --sweep-blocks 16,18,20,22   (tune dvp._block_rows)
@@ -332,6 +337,74 @@ def check_load(nthreads):
     return lat
 
 
+# ---------------------------------------------------------------------------------------------
+# GRPO step: the trainer phase of one default step on the real model, against the machine's
+# own matmul rate for the model's shapes (the ceiling).
+
+def _matmul_rate(torch, m, k, n, dtype, device, seconds=0.3):
+    """Achieved GFLOP/s of (m, k) @ (k, n) in dtype, after a warm-up."""
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def grpo_step(device, repeats, seed=0):
+    """Time the trainer phase (phase 4 + 5 of train.py) of one default step, 8 prompts x 8 completions,
+    fp32 and (where fast) bf16 autocast; count its FLOPs; print a table against the matmul ceiling."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import train
+    path = train.resolve_model(train.Args())
+    _, model = train.load_trainer_model(path, torch.device(device))
+    cfg = model.config
+    D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (D // cfg.num_attention_heads)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    g = torch.Generator().manual_seed(seed)
+    P, G, Lp = 8, 8, 40                       # prompts, completions per prompt, prompt length (the default task's ~40)
+    prompts = [torch.randint(100, V, (Lp,), generator=g).tolist() for _ in range(P)]
+    lens = torch.randint(10, 41, (P * G,), generator=g).tolist()      # completions of 10-40 tokens, mean 25
+    comps = [torch.randint(100, V, (n,), generator=g).tolist() for n in lens]
+    Nc = sum(lens)                            # completion tokens: rows of the LM head
+    body_tokens = P * Lp + Nc - P * G         # prompt once per group, then completion inputs (the last predicts nothing)
+    body = 2 * L * (D * (2 * D + 2 * kv) + 3 * D * F)                # matmul FLOPs per token, forward
+    flops = 3 * body * body_tokens + 4 * 2 * Nc * D * V                # body fwd+bwd; head fwd, recompute, 2 grads
+    shapes = [(body_tokens, D, D, 2 * L * 2 * D * body_tokens), (body_tokens, D, F, 3 * 2 * L * D * F * body_tokens),
+              (512, D, V, 4 * 2 * Nc * D * V)]                         # (m, k, n, the FLOPs done at that shape)
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" or train.fast_cpu_bf16() else [])
+    rows = []
+    for dt in dtypes:
+        ceiling = sum(f for *_, f in shapes) / sum(f / _matmul_rate(torch, m, k, n, dt, device) for m, k, n, f in shapes)
+        times = []
+        for rep in range(repeats + 1):                                  # the first is a warm-up
+            t0 = time.perf_counter()
+            for s in range(0, P, 4):                                    # micro-batches of 32 sequences, as train.py
+                (logp, in_set, _), _ = train.trainer_logprobs(model, prompts[s:s + 4], comps[s * G:(s + 4) * G], G, 1e-3, dtype=dt)
+                (-(logp * in_set).sum() / Nc).backward()
+            t1 = time.perf_counter()
+            opt.step(), opt.zero_grad(set_to_none=True)
+            if rep:
+                times.append((t1 - t0, time.perf_counter() - t1))
+        fb, op = (statistics.median(x) for x in zip(*times))
+        rows.append((str(dt).split(".")[-1], fb, op, flops / fb / 1e9, ceiling))
+    print(f"\nGRPO step, trainer phase (SmolLM2-135M-Instruct, {P} prompts x {G} completions, {body_tokens} tokens through "
+          f"the body, {Nc} completion tokens through the LM head; {flops / 1e12:.2f} TFLOP of matmuls forward + backward, "
+          f"LM-head recompute included; torch uses {torch.get_num_threads()} threads of {os.cpu_count()} cores). "
+          f"Median of {repeats} after a warm-up. Ceiling: this machine's matmul rate at the model's own shapes, same dtype.\n")
+    print("| trainer dtype | fwd+bwd s | optimizer s | achieved GFLOP/s | ceiling GFLOP/s | of ceiling |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, fb, op, rate, ceil in rows:
+        print(f"| {name} | {fb:.2f} | {op:.2f} | {rate:.0f} | {ceil:.0f} | {rate / ceil:.0%} |")
+    if len(rows) == 2:
+        print(f"\nbf16 autocast: fwd+bwd {rows[0][1] / rows[1][1]:.2f}x faster than fp32.")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (N=1024, V=32768), for a smoke run")
@@ -345,7 +418,7 @@ def main():
     ap.add_argument("--hidden-repeats", type=int, default=0,
                     help="timed calls per hidden row after a warm-up; 0 (default): time the call "
                          "that measures memory (these take seconds on CPU)")
-    ap.add_argument("--only", choices=["logits", "hidden"], default=None)
+    ap.add_argument("--only", choices=["logits", "hidden", "grpo"], default=None)
     ap.add_argument("--sweep-blocks", type=str, default=None,
                     help="comma-separated log2 element budgets for dvp._block_rows on CPU; "
                          "times pruned_logprobs fwd and fwd+bwd at each and exits")
@@ -391,6 +464,9 @@ def main():
         print(f"\n({time.time() - t_start:.0f} s)")
         return
 
+    if args.only == "grpo":
+        grpo_step(device, repeats=args.repeats)
+        return
     rows = []  # (label, spec)
     if args.only in (None, "logits"):
         for V in Vs:
@@ -437,6 +513,8 @@ def main():
         r, what = max(worst)
         verdict = "met" if r <= 1.2 else f"MISSED by {(r / 1.2 - 1) * 100:.0f}%"
         print(f"Target DVP <= 1.2x plain for pruned_logprobs: worst {r:.2f}x ({what}): {verdict}.")
+    if args.only in (None, "grpo") and not args.quick:
+        grpo_step(device, repeats=args.repeats)
     print(f"Total {time.time() - t_start:.0f} s; small-op latency {lat0:.2f} ms before, "
           f"{sync_latency_ms():.2f} ms after (about 0.05 when the CPU is quiet).")
 
