@@ -765,8 +765,7 @@ def test_weight_sync_changes_what_the_engine_returns(tiny_model):
 # --- DVP inside TRL's GRPOTrainer (examples.py) --------------------------------------------------
 
 def make_trl_trainer(tiny_model, tmp_path, min_p, **overrides):
-    datasets = pytest.importorskip("datasets")
-    pytest.importorskip("trl")
+    import datasets                                                     # both pinned in requirements.txt: a missing one fails
     from examples import DVPGRPOTrainer, GRPOConfig
     ds = datasets.Dataset.from_dict({"prompt": [f"What is {a} + {a}?" for a in range(8)], "answer": [2 * a for a in range(8)]})
     reward = lambda completions, **_: [float(sum(map(ord, c)) % 2) for c in completions]   # arbitrary but varied
