@@ -60,7 +60,7 @@ class PrunedLogProbs(NamedTuple):
 def _check_min_p(min_p):
     if not isinstance(min_p, (int, float)) or not 0.0 <= min_p <= 1.0:  # also rejects NaN
         raise ValueError(f"min_p must be a number in [0, 1], got {min_p!r}")
-    return math.log(min_p) if min_p > 0 else -math.inf
+    return float(min_p)
 
 
 def as_bool_mask(mask, name="mask"):
@@ -74,21 +74,23 @@ def as_bool_mask(mask, name="mask"):
 
 
 def safe_mask(logits, min_p):
-    """The safe vocabulary S(s): True where z >= max z + log(min_p), i.e. where
-    softmax(z) >= min_p * max softmax(z) (vLLM's min_p rule). logits (..., V) -> bool (..., V).
-    min_p = 0 keeps every token; the argmax is always kept. No gradient flows through it."""
-    log_min_p = _check_min_p(min_p)
+    """The safe vocabulary S(s): True where softmax(z) >= min_p * max softmax(z) (vLLM's min_p
+    rule), computed as exp(z - max z) >= min_p in float32 (float64 stays float64), exactly as
+    pruned_logprobs does. logits (..., V) -> bool (..., V). min_p = 0 keeps every token; the
+    argmax is always kept. No gradient flows through it."""
+    min_p = _check_min_p(min_p)
     with torch.no_grad():
-        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        return z >= z.amax(-1, keepdim=True) + log_min_p
+        z = logits.to(_compute_dtype(logits))
+        return (z - z.amax(-1, keepdim=True)).exp_() >= min_p
 
 
 # ---------------------------------------------------------------------------------------------
-# Log-probs over the safe set. One pass over the logits per block of rows, with a hand-written
-# backward, so the cost stays that of a plain log_softmax (`make bench` measures it) and nothing
-# of size (N, V) is saved for backward beyond the logits themselves.
-#   forward:   logp_a = z_a - lse_S,   lse_S = log sum_{b in S} exp(z_b)
-#   backward:  d logp_a / d z = onehot(a) - pi_S,   pi_S = exp(z - lse_S) * 1[z >= threshold]
+# Log-probs over the safe set. Per block of rows, e = exp(z - max z) is written into one reused
+# buffer, zeroed outside S in place and summed, with a hand-written backward, so the cost stays
+# that of a plain log_softmax (`make bench` measures it) and nothing of size (N, V) is allocated
+# or saved for backward beyond the logits themselves.
+#   forward:   logp_a = z_a - lse_S,   lse_S = m + log s_S,   s_S = sum_{b in S} e_b
+#   backward:  d logp_a / d z = onehot(a) - pi_S,   pi_S = e * 1[S] / s_S
 # Rows are processed in blocks small enough to stay in cache (CPU) or big enough to fill the
 # device (GPU); the result does not depend on the block size.
 
@@ -110,28 +112,38 @@ def _validate(z, tokens):
                          f"[{int(tokens.min())}, {int(tokens.max())}]")
 
 
-def _row_stats(z, tok, log_min_p, keep=None):
-    """z (R, V) in float32/64, tok (R,), keep (R, V) bool or None (None: the min_p rule) -> per-row
-    logp, in_set, pruned_mass, lse_S, threshold, and whether every logit of the row was finite."""
+def _below(min_p, dtype):
+    """The largest number of `dtype` below min_p: `e > _below(min_p)` is exactly `e >= min_p`."""
+    return torch.nextafter(torch.tensor(min_p, dtype=dtype), torch.tensor(-1.0, dtype=dtype)).item()
+
+
+def _prune_(e, min_p, keep):
+    """Zero e = exp(z - max z) (R, V) outside S, in place: the caller's kept set, or the min_p rule
+    e >= min_p (one fused op, where a compare and a masked fill would be two passes and a mask)."""
+    if keep is not None:
+        return e.mul_(keep)
+    return torch.threshold_(e, _below(min_p, e.dtype), 0.0) if min_p > 0 else e
+
+
+def _row_stats(z, tok, min_p, keep, buf):
+    """z (R, V) in float32/64, tok (R,), keep (R, V) bool or None (the min_p rule), buf (R, V) work
+    memory -> per row: logp, in_set, pruned_mass, m = max z, s_S, and whether every logit is finite."""
     m = z.amax(-1)                                       # (R,)
     finite = torch.isfinite(z.sum(-1))                   # NaN/inf anywhere in the row; much cheaper than aminmax
-    thresh = m + log_min_p                               # (R,); -inf when min_p == 0
-    e = (z - m[:, None]).exp_()                          # (R, V), values in [0, 1]; in place: one temporary
+    e = torch.sub(z, m[:, None], out=buf).exp_()         # (R, V), values in [0, 1]
     s_all = e.sum(-1)
-    if keep is None and log_min_p == -math.inf:
-        s_out = torch.zeros_like(s_all)
-    else:  # mass outside S summed directly, so tiny eps is not lost to cancellation
-        s_out = e.masked_fill_(z >= thresh[:, None] if keep is None else keep, 0.0).sum(-1)
-    lse_S = m + torch.log(s_all - s_out)                 # min_p rule: s_all - s_out >= 1 (the argmax)
+    in_set = (keep.gather(-1, tok[:, None]) if keep is not None
+              else e.gather(-1, tok[:, None]) > _below(min_p, e.dtype)).squeeze(-1)
+    s_S = _prune_(e, min_p, keep).sum(-1)                # the kept mass, summed directly; min_p rule: >= 1
     z_a = z.gather(-1, tok[:, None]).squeeze(-1)
-    in_set = z_a >= thresh if keep is None else keep.gather(-1, tok[:, None]).squeeze(-1)
-    return z_a - lse_S, in_set, s_out / s_all, lse_S, thresh, finite
+    # eps = 1 - s_S / s_all: float32 sums make it exact to about 1e-6 (float64 logits: 1e-15)
+    return z_a - (m + s_S.log()), in_set, ((s_all - s_S) / s_all).clamp_(min=0.0), m, s_S, finite
 
 
-def _row_grad(z, tok, lse_S, thresh, g, keep=None):
-    """d(sum g * logp)/dz for one block: g * (onehot(tok) - pi_S). z (R, V) -> (R, V)."""
-    p_S = (z - lse_S[:, None]).exp_().masked_fill_(z < thresh[:, None] if keep is None else ~keep, 0.0)
-    grad = p_S.mul_(-g[:, None])
+def _row_grad(z, tok, m, s_S, min_p, g, keep, buf):
+    """d(sum g * logp)/dz for one block: g * (onehot(tok) - pi_S), written into buf (R, V)."""
+    grad = _prune_(torch.sub(z, m[:, None], out=buf).exp_(), min_p, keep)   # pi_S * s_S
+    grad.mul_((-g / s_S)[:, None])
     grad.scatter_add_(-1, tok[:, None], g[:, None])
     return grad
 
@@ -140,14 +152,16 @@ def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _keep_rows(keep, N, V, device):
-    """The caller's kept set (mask replay) -> a function (i, j) -> bool (j - i, V) for rows i..j-1,
-    built one block at a time (a CSR set never becomes an (N, V) tensor). keep=None -> None."""
+def _keep_rows(keep, shape, V, device):
+    """The caller's kept set (mask replay) for tokens of `shape` -> a function (i, j) -> bool
+    (j - i, V) for flat rows i..j-1, built one block at a time (a CSR set never becomes an (N, V)
+    tensor). keep=None -> a function returning None."""
+    N = math.prod(shape)
     if keep is None:
         return lambda i, j: None
     if isinstance(keep, torch.Tensor):
-        if keep.shape[-1] != V or keep.numel() != N * V:
-            raise ValueError(f"keep must be shaped like the logits (..., {V}) over {N} positions, got {tuple(keep.shape)}")
+        if keep.shape != (*shape, V):
+            raise ValueError(f"keep must be shaped like the logits {(*shape, V)}, got {tuple(keep.shape)}")
         keep = as_bool_mask(keep, "keep").reshape(N, V).to(device)
         if N and not bool(keep.any(-1).all()):
             raise ValueError("keep: some position keeps no token")
@@ -155,7 +169,7 @@ def _keep_rows(keep, N, V, device):
     if not isinstance(keep, (tuple, list)) or len(keep) != 2:
         raise ValueError("keep must be a bool tensor (..., V) or vLLM's CSR pair (token_ids, offsets)")
     ids, offsets = (torch.as_tensor(x, device=device) for x in keep)
-    if ids.dim() != 1 or offsets.shape != (N + 1,) or ids.dtype.is_floating_point or offsets.dtype.is_floating_point:
+    if ids.dim() != 1 or offsets.shape != (N + 1,) or any(x.dtype.is_floating_point or x.dtype == torch.bool for x in (ids, offsets)):
         raise ValueError(f"keep=(token_ids, offsets): expected integer token_ids (nnz,) and offsets ({N + 1},) "
                          f"for {N} positions, got {tuple(ids.shape)} {ids.dtype} and {tuple(offsets.shape)} {offsets.dtype}")
     counts = offsets.diff()
@@ -172,37 +186,41 @@ def _keep_rows(keep, N, V, device):
     return rows
 
 
-def _forward_blocks(logit_block, N, tok, log_min_p, rows, keep_rows):
+def _forward_blocks(logit_block, N, V, tok, min_p, rows, keep_rows, cd, device):
     """Run _row_stats over row blocks [i, i + rows) of logits produced by logit_block(i, j)."""
-    outs = [_row_stats(logit_block(i, min(i + rows, N)), tok[i:i + rows], log_min_p, keep_rows(i, min(i + rows, N)))
+    buf = torch.empty(min(rows, max(N, 1)), V, dtype=cd, device=device)
+    outs = [_row_stats(logit_block(i, min(i + rows, N)), tok[i:i + rows], min_p, keep_rows(i, min(i + rows, N)),
+                       buf[:min(rows, N - i)])
             for i in range(0, max(N, 1), rows)]  # N == 0: one empty block, so that empty input gives empty output
-    logp, in_set, eps, lse_S, thresh, finite = (torch.cat(x) for x in zip(*outs))
+    logp, in_set, eps, m, s_S, finite = (torch.cat(x) for x in zip(*outs))
     if not bool(finite.all()):
         raise ValueError("logits contain NaN or inf")
-    if not bool(torch.isfinite(lse_S).all()):
+    if not bool((s_S > 0).all()):
         raise ValueError("keep: at some position the kept tokens have no probability mass under these logits")
-    return logp, in_set, eps, lse_S, thresh
+    return logp, in_set, eps, m, s_S
 
 
 class _PrunedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, tok, log_min_p, keep_rows):  # z (N, V), tok (N,)
+    def forward(ctx, z, tok, min_p, keep_rows):  # z (N, V), tok (N,)
         cd = _compute_dtype(z)
-        ctx.rows, ctx.keep_rows = _block_rows(z.shape[-1], z.device), keep_rows
-        logp, in_set, eps, lse_S, thresh = _forward_blocks(
-            lambda i, j: z[i:j].to(cd), z.shape[0], tok, log_min_p, ctx.rows, keep_rows)
-        ctx.save_for_backward(z, tok, lse_S, thresh)
+        ctx.rows, ctx.min_p, ctx.keep_rows = _block_rows(z.shape[-1], z.device), min_p, keep_rows
+        logp, in_set, eps, m, s_S = _forward_blocks(
+            lambda i, j: z[i:j].to(cd), z.shape[0], z.shape[1], tok, min_p, ctx.rows, keep_rows, cd, z.device)
+        ctx.save_for_backward(z, tok, m, s_S)
         ctx.mark_non_differentiable(in_set, eps)
         return logp, in_set, eps
 
     @staticmethod
     def backward(ctx, g, _in_set, _eps):
-        z, tok, lse_S, thresh = ctx.saved_tensors
+        z, tok, m, s_S = ctx.saved_tensors
+        N, R = z.shape[0], ctx.rows
         grad = torch.empty_like(z)
-        for i in range(0, z.shape[0], ctx.rows):
-            s = slice(i, i + ctx.rows)
-            grad[s] = _row_grad(z[s].to(lse_S.dtype), tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype),
-                                ctx.keep_rows(i, min(i + ctx.rows, z.shape[0])))
+        buf = torch.empty(min(R, N), z.shape[1], dtype=m.dtype, device=z.device)
+        for i in range(0, N, R):
+            s = slice(i, i + R)
+            grad[s] = _row_grad(z[s].to(m.dtype), tok[s], m[s], s_S[s], ctx.min_p, g[s].to(m.dtype), ctx.keep_rows(i, min(i + R, N)),
+                                buf[:min(R, N - i)])
         return grad, None, None, None
 
 
@@ -224,36 +242,38 @@ def pruned_logprobs(logits, tokens, min_p, *, keep=None):
     with the rollout; the trainer's own set needs nothing from the engine, and the few sampled
     tokens it misses (a few per ten thousand here) are masked and counted.
     """
-    log_min_p = _check_min_p(min_p)
+    min_p = _check_min_p(min_p)
     _validate(logits, tokens)
     V = logits.shape[-1]
-    keep_rows = _keep_rows(keep, tokens.numel(), V, logits.device)
-    logp, in_set, eps = _PrunedLogProbs.apply(logits.reshape(-1, V), tokens.reshape(-1), log_min_p, keep_rows)
+    keep_rows = _keep_rows(keep, tokens.shape, V, logits.device)
+    logp, in_set, eps = _PrunedLogProbs.apply(logits.reshape(-1, V), tokens.reshape(-1), min_p, keep_rows)
     return PrunedLogProbs(*(x.view(tokens.shape) for x in (logp, in_set, eps)))
 
 
 class _PrunedLogProbsFromHidden(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, tok, log_min_p, chunk_size, keep_rows):  # h (N, D), w (V, D), tok (N,)
+    def forward(ctx, h, w, tok, min_p, chunk_size, keep_rows):  # h (N, D), w (V, D), tok (N,)
         cd = _compute_dtype(h)
-        logit_block = lambda i, j: (h[i:j] @ w.T).to(cd)  # (chunk, V): the only big tensor
-        logp, in_set, eps, lse_S, thresh = _forward_blocks(
-            logit_block, h.shape[0], tok, log_min_p, chunk_size, keep_rows)
-        ctx.chunk_size, ctx.keep_rows = chunk_size, keep_rows
-        ctx.save_for_backward(h, w, tok, lse_S, thresh)
+        logit_block = lambda i, j: (h[i:j] @ w.T).to(cd)  # (chunk, V): the only big tensors, with buf
+        logp, in_set, eps, m, s_S = _forward_blocks(
+            logit_block, h.shape[0], w.shape[0], tok, min_p, chunk_size, keep_rows, cd, h.device)
+        ctx.chunk_size, ctx.min_p, ctx.keep_rows = chunk_size, min_p, keep_rows
+        ctx.save_for_backward(h, w, tok, m, s_S)
         ctx.mark_non_differentiable(in_set, eps)
         return logp, in_set, eps
 
     @staticmethod
     def backward(ctx, g, _in_set, _eps):
-        h, w, tok, lse_S, thresh = ctx.saved_tensors
+        h, w, tok, m, s_S = ctx.saved_tensors
+        N, C = h.shape[0], ctx.chunk_size
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(w.shape, dtype=lse_S.dtype, device=w.device)
-        for i in range(0, h.shape[0], ctx.chunk_size):
-            s = slice(i, i + ctx.chunk_size)
-            z = (h[s] @ w.T).to(lse_S.dtype)  # recomputed, exactly as in forward
-            gz = _row_grad(z, tok[s], lse_S[s], thresh[s], g[s].to(lse_S.dtype),
-                           ctx.keep_rows(i, min(i + ctx.chunk_size, h.shape[0])))
+        grad_w = torch.zeros(w.shape, dtype=m.dtype, device=w.device)
+        buf = torch.empty(min(C, N), w.shape[0], dtype=m.dtype, device=h.device)
+        for i in range(0, N, C):
+            s = slice(i, i + C)
+            z = (h[s] @ w.T).to(m.dtype)  # recomputed, exactly as in forward
+            gz = _row_grad(z, tok[s], m[s], s_S[s], ctx.min_p, g[s].to(m.dtype), ctx.keep_rows(i, min(i + C, N)),
+                           buf[:min(C, N - i)])
             gz = gz.to(h.dtype)                # the matmuls in the inputs' dtype, as in forward (bf16 stays bf16)
             grad_h[s] = gz @ w
             grad_w += gz.T @ h[s]
@@ -267,18 +287,20 @@ def pruned_logprobs_from_hidden(hidden, weight, tokens, min_p, *, chunk_size=102
     hidden (..., D), weight (V, D) (the output embedding / lm_head, no bias), tokens (...).
     Logits are made `chunk_size` positions at a time, forward and again in backward, so the
     extra memory is O(chunk_size * V) whatever the number of positions. For a temperature T,
-    pass hidden / T. The matmul runs in the inputs' dtype; the softmax part in float32.
+    pass hidden / T. The matmul runs in hidden's dtype (weight is cast to it; autocast is off
+    inside, so that forward and backward agree); the softmax part in float32.
     """
-    log_min_p = _check_min_p(min_p)
+    min_p = _check_min_p(min_p)
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., D) and weight (V, D) disagree: {tuple(hidden.shape)} vs "
                          f"{tuple(weight.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _validate(torch.empty(hidden.shape[:-1] + (weight.shape[0],), device="meta"), tokens)
-    keep_rows = _keep_rows(keep, tokens.numel(), weight.shape[0], hidden.device)
-    logp, in_set, eps = _PrunedLogProbsFromHidden.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), log_min_p, chunk_size, keep_rows)
+    keep_rows = _keep_rows(keep, tokens.shape, weight.shape[0], hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):  # forward and backward must run the same matmul
+        logp, in_set, eps = _PrunedLogProbsFromHidden.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), tokens.reshape(-1), min_p, chunk_size, keep_rows)
     return PrunedLogProbs(*(x.view(tokens.shape) for x in (logp, in_set, eps)))
 
 

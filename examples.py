@@ -14,9 +14,13 @@ Out-of-set tokens (sampled, but outside the trainer's set: pi_S = 0) must not tr
 TRL builds the loss mask before it asks for log-probs, so instead of editing that mask this
 class returns their log-prob DETACHED: their ratio to the old log-prob is 1 with zero gradient,
 so they add nothing to the gradient and still count in TRL's token normaliser (as in train.py).
+That holds for TRL's default token-level ratio (importance_sampling_level="token") with the
+grpo / bnpo / dr_grpo / dapo losses; with a sequence-level ratio ("sequence", the GSPO setting)
+an out-of-set token's log-prob still enters its sequence's ratio.
 They are counted in the logged metric `dvp/out_of_set_frac`; `dvp/pruned_mass` is the mean eps.
 
-Limits: text-only dense models (no images, no MoE aux loss), no entropy bonus (the entropy TRL
+Limits: text-only dense models (no images, no MoE aux loss, no logit scaling or soft-capping
+as in Gemma 2 or Granite: TRL's own head applies those, this one refuses), no entropy bonus (the entropy TRL
 logs is that of pi_S, without gradient). The logits of one micro-batch exist at once
 (batch x completion length x V, float32); lower `per_device_train_batch_size` if that is large.
 TRL's own vLLM colocate mode fails on the CPU build of vLLM at the first weight sync (TRL loads
@@ -35,8 +39,11 @@ class DVPGRPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
-        if compute_aux_loss or any(v is not None for v in multimodal.values()) or self._entropy_bonus_enabled:
-            raise NotImplementedError("DVPGRPOTrainer supports text-only dense models without an entropy bonus")
+        cfg = model.config.get_text_config() if hasattr(model, "config") else self.model.config.get_text_config()
+        scaled = any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        if compute_aux_loss or any(v is not None for v in multimodal.values()) or self._entropy_bonus_enabled or scaled:
+            raise NotImplementedError("DVPGRPOTrainer supports text-only dense models without logit scaling or "
+                                      "soft-capping, and no entropy bonus")
         rho = self.args.min_p or 0.0
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         batch_size = batch_size or input_ids.size(0)
@@ -57,11 +64,10 @@ class DVPGRPOTrainer(GRPOTrainer):
                     entropies.append(-(p_S * p_S.clamp_min(1e-30).log()).sum(-1))
             real = am[:, -logits_to_keep:].bool()                                # completion tokens (not padding)
             stats.append(torch.stack([(real & ~res.in_set).sum(), real.sum(), res.pruned_mass[real].sum()]).float())
-        if torch.is_grad_enabled():  # the loss pass, not the old/ref log-prob passes
+        if torch.is_grad_enabled():  # the training loss pass, not the old/ref log-prob or evaluation passes
             n_out, n, eps = self.accelerator.reduce(torch.stack(stats).sum(0), reduction="sum").tolist()
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["dvp/out_of_set_frac"].append(n_out / max(n, 1))
-            self._metrics[mode]["dvp/pruned_mass"].append(eps / max(n, 1))
+            self._metrics["train"]["dvp/out_of_set_frac"].append(n_out / max(n, 1))
+            self._metrics["train"]["dvp/pruned_mass"].append(eps / max(n, 1))
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
 
 

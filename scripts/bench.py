@@ -345,6 +345,8 @@ def _matmul_rate(torch, m, k, n, dtype, device, seconds=0.3):
     """Achieved GFLOP/s of (m, k) @ (k, n) in dtype, after a warm-up."""
     a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
     a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
@@ -371,12 +373,16 @@ def grpo_step(device, repeats, seed=0):
     prompts = [torch.randint(100, V, (Lp,), generator=g).tolist() for _ in range(P)]
     lens = torch.randint(10, 41, (P * G,), generator=g).tolist()      # completions of 10-40 tokens, mean 25
     comps = [torch.randint(100, V, (n,), generator=g).tolist() for n in lens]
-    Nc = sum(lens)                            # completion tokens: rows of the LM head
-    body_tokens = P * Lp + Nc - P * G         # prompt once per group, then completion inputs (the last predicts nothing)
-    body = 2 * L * (D * (2 * D + 2 * kv) + 3 * D * F)                # matmul FLOPs per token, forward
-    flops = 3 * body * body_tokens + 4 * 2 * Nc * D * V                # body fwd+bwd; head fwd, recompute, 2 grads
-    shapes = [(body_tokens, D, D, 2 * L * 2 * D * body_tokens), (body_tokens, D, F, 3 * 2 * L * D * F * body_tokens),
-              (512, D, V, 4 * 2 * Nc * D * V)]                         # (m, k, n, the FLOPs done at that shape)
+    Nc = sum(lens)                            # completion tokens: rows of the LM head (only real tokens reach it)
+    # tokens through the body as train.completion_hidden runs them: each prompt once, then each micro-batch's
+    # completions padded to its longest (the last token predicts nothing)
+    body_tokens = P * Lp + sum(4 * G * (max(lens[s * G:(s + 4) * G]) - 1) for s in range(0, P, 4))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    # matmul FLOPs, forward + backward (x3), LM head: forward, recompute, two gradients (x4); attention scores
+    # (about 2 %) left out. (m, k, n, FLOPs done at that shape): the ceiling weighs each shape's rate by them.
+    shapes = [(body_tokens, D, D, 3 * 2 * L * D * (2 * D + 2 * kv) * body_tokens),
+              (body_tokens, D, F, 3 * 2 * L * 3 * D * F * body_tokens), (512, D, V, 4 * 2 * Nc * D * V)]
+    flops = sum(f for *_, f in shapes)
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" or train.fast_cpu_bf16() else [])
     rows = []
     for dt in dtypes:
@@ -387,14 +393,17 @@ def grpo_step(device, repeats, seed=0):
             for s in range(0, P, 4):                                    # micro-batches of 32 sequences, as train.py
                 (logp, in_set, _), _ = train.trainer_logprobs(model, prompts[s:s + 4], comps[s * G:(s + 4) * G], G, 1e-3, dtype=dt)
                 (-(logp * in_set).sum() / Nc).backward()
+            sync()
             t1 = time.perf_counter()
             opt.step(), opt.zero_grad(set_to_none=True)
+            sync()
             if rep:
                 times.append((t1 - t0, time.perf_counter() - t1))
         fb, op = (statistics.median(x) for x in zip(*times))
         rows.append((str(dt).split(".")[-1], fb, op, flops / fb / 1e9, ceiling))
     print(f"\nGRPO step, trainer phase (SmolLM2-135M-Instruct, {P} prompts x {G} completions, {body_tokens} tokens through "
-          f"the body, {Nc} completion tokens through the LM head; {flops / 1e12:.2f} TFLOP of matmuls forward + backward, "
+          f"the body, padding included, {Nc} completion tokens through the LM head; {flops / 1e12:.2f} TFLOP of matmuls "
+          f"forward + backward, "
           f"LM-head recompute included; torch uses {torch.get_num_threads()} threads of {os.cpu_count()} cores). "
           f"Median of {repeats} after a warm-up. Ceiling: this machine's matmul rate at the model's own shapes, same dtype.\n")
     print("| trainer dtype | fwd+bwd s | optimizer s | achieved GFLOP/s | ceiling GFLOP/s | of ceiling |")

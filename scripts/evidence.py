@@ -101,8 +101,9 @@ def mismatch(args):
         s = dvp.mismatch_stats(grid(d["logp"]), grid(d["engine"].to(d["logp"].dtype)), mask, grid(d["in_set"], False), grid(d["eps"]))
         per_rho[rho] = d
         # per-sequence geometric-mean ratio exp(mean_t log pi - log mu): what --correction geo tests
-        r_seq = torch.where(mask & grid(d["in_set"], False), grid(d["logp"].double() - d["engine"].double()), 0.0)
-        geo = (r_seq.sum(-1) / mask.sum(-1).clamp_min(1)).exp()
+        ok = mask & grid(d["in_set"], False)                 # as train.py: tokens in the trainer's safe set
+        r_seq = torch.where(ok, grid(d["logp"].double() - d["engine"].double()), 0.0)
+        geo = (r_seq.sum(-1) / ok.sum(-1).clamp_min(1)).exp()
         lo, hi = train.GEO_INTERVAL
         s["geo_q"] = [float(x) for x in torch.quantile(geo, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=geo.dtype))]
         s["geo_rejected"] = float(((geo < lo) | (geo > hi)).double().mean())
@@ -272,7 +273,7 @@ def run_summary(recs):
     mean = lambda k: sum(x.get(k, 0.0) for x in tr) / len(tr)
     return {"sampled_acc": ev[-1]["sampled_acc"], "unpruned_acc": ev[-1].get("sampled_acc_unpruned", ev[-1]["sampled_acc"]),
             "start_acc": ev[0].get("sampled_acc_unpruned", ev[0]["sampled_acc"]),
-            "reward_drop": max(r) - r[-1], "peak_grad_norm": max(x["grad_norm"] for x in tr), "kl_k3": mean("kl_k3"),
+            "reward_drop": max(r[2:]) - r[-1],              # from the first full 3-step window on "peak_grad_norm": max(x["grad_norm"] for x in tr), "kl_k3": mean("kl_k3"),
             "bias_bound": mean("bias_bound"), "rejected": mean("seq_rejected_frac"), "out_of_set": mean("out_of_set_frac"),
             "minutes": sum(x["time_generate"] + x["time_train"] + x["time_sync"] for x in tr) / 60}
 
@@ -283,7 +284,7 @@ def interval(xs):
     if n <= 3:
         return m, min(xs), max(xs)
     sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
-    t = {4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(n, 2.0)
+    t = {4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}.get(n, 2.262)  # n > 10: slightly conservative
     return m, m - t * sd / n ** 0.5, m + t * sd / n ** 0.5
 
 
