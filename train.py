@@ -208,6 +208,8 @@ def resolve_model(args: Args) -> str:
 
 def load_trainer_model(path, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()                           # one progress bar per run: the training loop's
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
@@ -239,7 +241,7 @@ def start_engine(path, args: Args, device, max_model_len, seed):
     if args.engine_noise > 0:
         kw["logits_processors"] = [engine_noise_processor(args.engine_noise, args.seed)]
     return LLM(model=path, dtype=engine_dtype(args, device), enforce_eager=True, max_model_len=max_model_len, seed=seed,
-               logprobs_mode="processed_logprobs", kv_cache_dtype=args.engine_kv_dtype, **kw)
+               logprobs_mode="processed_logprobs", kv_cache_dtype=args.engine_kv_dtype, use_tqdm_on_load=False, **kw)
 
 
 def engine_dtype(args: Args, device):
