@@ -28,13 +28,13 @@ $(STAMP): requirements.txt
 	$(if $(HAS_GPU),,$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $@
 
-test: $(STAMP)  ## run the tests (CPU, real vLLM; a few minutes)
+test: $(STAMP)  ## run the tests (CPU, real vLLM engine, TRL's real trainer; a few minutes)
 	$(BIN)/python -m pytest -q test_dvp.py $(ARGS)
 
 demo: $(STAMP)  ## python dvp.py: the mismatch bound and the price of pruning on synthetic logits
 	$(BIN)/python dvp.py
 
-bench: $(STAMP)  ## time pruned_logprobs against plain log_softmax + gather
+bench: $(STAMP)  ## time pruned_logprobs against plain log_softmax + gather, and a GRPO step against the matmul ceiling
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 train: $(STAMP)  ## GRPO + DVP on the embedded SmolLM2-135M-Instruct, arithmetic task, offline
@@ -47,7 +47,7 @@ $(VENV)/.plot: $(STAMP)
 mismatch: $(VENV)/.plot  ## engine vs trainer log-prob gap by token probability, per rho (figures/)
 	$(BIN)/python scripts/evidence.py mismatch $(ARGS)
 
-compare: $(VENV)/.plot  ## plain GRPO vs TIS vs MIS vs DVP training runs, plotted (figures/)
+compare: $(VENV)/.plot  ## plain GRPO vs TIS vs MIS vs geo mask vs DVP, 3 seeds each, plotted (figures/)
 	$(BIN)/python scripts/evidence.py compare $(ARGS)
 
 clean:  ## remove .venv and run outputs

@@ -4,6 +4,7 @@ one flat training loop, on one machine (one GPU, or the CPU).
     make train                                   # default: embedded SmolLM2-135M-Instruct, arithmetic, offline
     python train.py --steps 3 --min-p 0.01 --out runs/x
     python train.py --min-p 0 --correction tis   # plain GRPO with token-level TIS, for comparison
+    python train.py --engine-kv-dtype fp8        # rollouts with vLLM's FP8 KV cache: a ~20x larger mismatch
 
 The engine (vLLM, bf16) samples with min_p = rho and reports log mu_S of each sampled token; the
 trainer (transformers, fp32 on CPU) recomputes log pi_S over its own safe set with dvp.py, only at
@@ -11,7 +12,8 @@ completion positions and in chunks, and takes one on-policy GRPO step. The gap b
 the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
 
 Left out on purpose: KL penalty to a reference model, several updates per batch (dvp.grpo_loss
-supports a clipped ratio for that), multi-GPU. Each step appends one JSON line to OUT/metrics.jsonl;
+supports a clipped ratio for that), multi-GPU, mask replay (dvp.pruned_logprobs(keep=...) does the
+trainer side; the sampler side, vLLM's return_sampling_mask, needs its GPU-only Model Runner V2). Each step appends one JSON line to OUT/metrics.jsonl;
 a crash loses at most the steps since the last checkpoint, and --resume continues from it.
 """
 import dataclasses
