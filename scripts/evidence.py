@@ -242,6 +242,7 @@ def compare(args):
     cmd = "make compare" + (f' ARGS="{" ".join(sys.argv[2:])}"' if sys.argv[2:] else "")
     note = (f"`{cmd}`: wall time {(time.time() - t0) / 60:.0f} min on {platform_note()} "
             "(runs that were already complete take seconds; see each run's time_* records).")
+    (runs / "note.md").write_text(note + "\n")                   # `evidence.py plot` reuses it
     summarize_compare(runs, args, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", note)
 
 
@@ -273,7 +274,8 @@ def run_summary(recs):
     mean = lambda k: sum(x.get(k, 0.0) for x in tr) / len(tr)
     return {"sampled_acc": ev[-1]["sampled_acc"], "unpruned_acc": ev[-1].get("sampled_acc_unpruned", ev[-1]["sampled_acc"]),
             "start_acc": ev[0].get("sampled_acc_unpruned", ev[0]["sampled_acc"]),
-            "reward_drop": max(r[2:]) - r[-1],              # from the first full 3-step window on "peak_grad_norm": max(x["grad_norm"] for x in tr), "kl_k3": mean("kl_k3"),
+            "reward_drop": max(r[2:]) - r[-1],  # best from the first full 3-step window on
+            "peak_grad_norm": max(x["grad_norm"] for x in tr), "kl_k3": mean("kl_k3"),
             "bias_bound": mean("bias_bound"), "rejected": mean("seq_rejected_frac"), "out_of_set": mean("out_of_set_frac"),
             "minutes": sum(x["time_generate"] + x["time_train"] + x["time_sync"] for x in tr) / 60}
 
@@ -303,7 +305,7 @@ def summarize_compare(runs, args, png, md, note):
               ("grad_norm", "gradient norm"), ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
               ("seq_rejected_frac", "sequences rejected (mis, geo)")]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    seeds_done = sorted({int(p.parent.name[4:]) for p in runs.glob("seed*/*/metrics.jsonl")})
+    seeds_done = sorted({int(p.parent.parent.name[4:]) for p in runs.glob("seed*/*/metrics.jsonl")})
     lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in COLUMNS) + " | minutes per run (steps only) |",
              "|---" * (len(COLUMNS) + 4) + "|"]
     for arm, (name, _, _) in ARMS.items():
@@ -330,8 +332,9 @@ def summarize_compare(runs, args, png, md, note):
     axes.flat[3].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{regime_of(args)}: mean and band (min-max for 3 seeds) over seeds {seeds_done}", fontsize=10)
-    fig.text(0.01, 0.005, note.replace("`", ""), fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    import textwrap
+    fig.text(0.01, 0.005, textwrap.fill(note.replace("`", ""), 230), fontsize=7)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(png, dpi=110)
     head = (f"{regime_of(args)}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 prompts x 8 samples per run, "
             f"seeds {seeds_done} (the same prompts for every arm of a seed). Cells: mean [min, max] over seeds "
@@ -367,8 +370,9 @@ def main():
         compare(args)
     else:  # re-draw the compare table and figure from the runs on disk
         tag = tag_of(args)
-        summarize_compare(ROOT / "runs" / f"compare{tag}", args, Path(args.out) / f"compare{tag}.png",
-                          Path(args.out) / f"compare{tag}.md", "re-drawn from the runs on disk by `evidence.py plot`")
+        runs = ROOT / "runs" / f"compare{tag}"
+        note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
+        summarize_compare(runs, args, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", note)
 
 
 if __name__ == "__main__":
