@@ -822,3 +822,28 @@ def test_trl_grpo_trainer_trains_two_steps_with_dvp(tiny_model, tmp_path):
         assert math.isfinite(float(x["loss"])) and 0 < float(x["dvp/pruned_mass"]) < 1, x
         assert float(x["dvp/out_of_set_frac"]) == 0.0, "generate and the trainer share numerics here: nothing falls outside"
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no parameter changed"
+
+
+# --- the compare table's arithmetic (scripts/evidence.py) ----------------------------------------
+
+def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
+    import json
+    sys.path.insert(0, str(HERE / "scripts"))
+    import evidence
+    rewards = [0.1, 0.2, 0.6, 0.9, 0.3, 0.3]                  # 3-step means from step 3: 0.3, 0.567, 0.6, 0.5
+    for seed, arm in [(0, "plain"), (1, "plain"), (12, "dvp")]:
+        d = tmp_path / f"seed{seed}" / arm
+        d.mkdir(parents=True)
+        recs = [{"kind": "eval", "step": 0, "sampled_acc": 0.1, "greedy_acc": 0.2}]
+        recs += [{"kind": "train", "step": i + 1, "reward": r, "grad_norm": 1.0 + i, "kl_k3": 0.01, "bias_bound": 0.0,
+                  "seq_rejected_frac": 0.0, "out_of_set_frac": 0.0, "time_generate": 1.0, "time_train": 2.0, "time_sync": 0.0}
+                 for i, r in enumerate(rewards)]
+        recs += [{"kind": "eval", "step": 6, "sampled_acc": 0.5 + seed / 100, "greedy_acc": 0.6, "sampled_acc_unpruned": 0.4}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert evidence.seeds_on_disk(tmp_path) == [0, 1, 12]
+    s = evidence.run_summary(evidence.read(tmp_path / "seed1" / "plain" / "metrics.jsonl"))
+    assert s["reward_drop"] == pytest.approx(0.6 - 0.5) and s["peak_grad_norm"] == 6.0
+    assert s["sampled_acc"] == 0.51 and s["unpruned_acc"] == 0.4 and s["minutes"] == pytest.approx(18 / 60)
+    assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
+    m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
+    assert m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3) and lo == pytest.approx(2 * m - hi)

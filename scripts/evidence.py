@@ -280,6 +280,11 @@ def run_summary(recs):
             "minutes": sum(x["time_generate"] + x["time_train"] + x["time_sync"] for x in tr) / 60}
 
 
+def seeds_on_disk(runs):
+    """The seeds S with at least one run in runs/seedS/ARM/metrics.jsonl."""
+    return sorted({int(p.parent.parent.name[len("seed"):]) for p in runs.glob("seed*/*/metrics.jsonl")})
+
+
 def interval(xs):
     """mean and a 95 % interval over seeds: Student t for n >= 4, min-max for n <= 3."""
     n, m = len(xs), sum(xs) / len(xs)
@@ -305,7 +310,7 @@ def summarize_compare(runs, args, png, md, note):
               ("grad_norm", "gradient norm"), ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
               ("seq_rejected_frac", "sequences rejected (mis, geo)")]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    seeds_done = sorted({int(p.parent.parent.name[4:]) for p in runs.glob("seed*/*/metrics.jsonl")})
+    seeds_done = seeds_on_disk(runs)
     lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in COLUMNS) + " | minutes per run (steps only) |",
              "|---" * (len(COLUMNS) + 4) + "|"]
     for arm, (name, _, _) in ARMS.items():
