@@ -216,8 +216,10 @@ ARMS = {"plain": ("plain GRPO", "0", "none"), "tis": ("TIS (C=2)", "0", "tis"), 
 
 # Per-run budget beyond --steps: 4 prompts x 8 samples per step, held-out evaluation at the start
 # and the end only, so that 5 arms x 3 seeds fit in about 90 minutes on a 2-core CPU (each run:
-# ~40 s start, 2 evaluations of ~40 s, ~17 s per step). Later arguments (passed through) override it.
-BUDGET = ("--prompts-per-step", "4")
+# ~40 s start, 2 evaluations of ~40 s, ~12-17 s per step), and the learning rate the committed
+# compare ran with (train.py's default then), so that its runs resume and extend as they are.
+# Later arguments (passed through) override it.
+BUDGET = ("--prompts-per-step", "4", "--lr", "2e-5")
 
 
 def compare(args):
