@@ -252,8 +252,11 @@ def engine_dtype(args: Args, device):
     """Resolve --engine-dtype auto: bfloat16 where the hardware has a fast bf16 path."""
     if args.engine_dtype != "auto":
         return args.engine_dtype
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "bfloat16" if device.type == "cuda" or " avx512f" in cpuinfo else "float32"
+    return "bfloat16" if device.type == "cuda" or " avx512f" in cpu_flags() else "float32"
+
+
+def cpu_flags():
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 
 
 def engine_noise_processor(delta, seed):
@@ -572,16 +575,20 @@ def main(args: Args):
 
 
 def fast_cpu_bf16():
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
+
+
+def latest(recs, kind):
+    """The last record of each step of one kind, by step (a resumed run may repeat steps)."""
+    by_step = {r["step"]: r for r in recs if r.get("kind") == kind}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def summarize(out: Path):
     """The end-of-run summary from OUT/metrics.jsonl (a resumed run included), and OUT/train.png
     when matplotlib is installed."""
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    latest = lambda kind: list({r["step"]: r for r in recs if r.get("kind") == kind}.values())
-    tr, ev = sorted(latest("train"), key=lambda r: r["step"]), sorted(latest("eval"), key=lambda r: r["step"])
+    tr, ev = latest(recs, "train"), latest(recs, "eval")
     if not tr or not ev:
         return
     best = max(ev, key=lambda e: e["sampled_acc"])

@@ -250,18 +250,14 @@ def compare(args):
 
 def platform_note():
     import os
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return f"{os.cpu_count()} CPU cores" + (" with AVX512-BF16" if "avx512_bf16" in flags else "")
+    return f"{os.cpu_count()} CPU cores" + (" with AVX512-BF16" if "avx512_bf16" in train.cpu_flags() else "")
 
 
 def read(path):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def latest(recs, kind):
-    """The last record of each step (a resumed run may repeat steps)."""
-    by_step = {r["step"]: r for r in recs if r.get("kind") == kind}
-    return [by_step[s] for s in sorted(by_step)]
+latest = train.latest
 
 
 def smooth(ys, k=3):
