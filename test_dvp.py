@@ -653,20 +653,37 @@ def test_unknown_kv_cache_dtype_names_what_vllm_accepts():
         train.start_engine("x", train.Args(engine_kv_dtype="fp9"), torch.device("cpu"), max_model_len=64, seed=0)
 
 
-def test_bf16_trainer_logprobs_are_close_to_fp32_and_differentiable(tiny_model):
+def test_bf16_trainer_is_close_to_fp32_and_steps_float32_master_weights(tiny_model):
     import train
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     prompts, completions = [[1, 5, 9, 33], [7, 8]], [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]
     ref, _ = train.trainer_logprobs(model, prompts, completions, 2, 0.0)
-    out, _ = train.trainer_logprobs(model, prompts, completions, 2, 0.0, dtype=torch.bfloat16)
+    fast = train.compute_copy(model, torch.bfloat16)
+    assert train.compute_copy(model, torch.float32) is model
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the master weights stay float32"
+    out, _ = train.trainer_logprobs(fast, prompts, completions, 2, 0.0)
     assert out.logp.dtype == torch.float32, "dvp.py's softmax stays float32 under the bf16 trainer"
     real = ref.in_set
     # bf16 keeps 8 bits of mantissa: about 1 % of these large (|log p| ~ 15) log-probs
     torch.testing.assert_close(out.logp[real], ref.logp[real], rtol=0.03, atol=0.03)
+    # two micro-batches: the master gradient is the float32 sum of the bf16 copy's gradients
     out.logp.sum().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), "fp32 master gradients"
+    g1 = [q.grad.float() for q in fast.parameters()]
+    train.add_grads(model, fast)
+    assert all(q.grad is None for q in fast.parameters())
+    out, _ = train.trainer_logprobs(fast, prompts, completions, 2, 0.0)
+    (2 * out.logp.sum()).backward()
+    g2 = [q.grad.float() for q in fast.parameters()]
+    train.add_grads(model, fast)
+    for p, a, b in zip(model.parameters(), g1, g2):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        torch.testing.assert_close(p.grad, a + b, rtol=1e-6, atol=1e-8)
+    # an optimizer step on the master weights reaches the copy, rounded to bf16
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    train.refresh(model, fast)
+    for p, q in zip(model.parameters(), fast.parameters()):
+        assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().bfloat16())
 
 
 def read_jsonl(path):

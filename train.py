@@ -16,6 +16,7 @@ supports a clipped ratio for that), multi-GPU, mask replay (dvp.pruned_logprobs(
 trainer side; the sampler side, vLLM's return_sampling_mask, needs its GPU-only Model Runner V2). Each step appends one JSON line to OUT/metrics.jsonl;
 a crash loses at most the steps since the last checkpoint, and --resume continues from it.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -89,8 +90,9 @@ class Args:
     """vLLM's kv_cache_dtype: "auto" (the model's dtype) or an FP8 cache ("fp8", "fp8_e4m3",
     "fp8_e5m2"): a quantised-rollout setting production stacks use, with a ~20x larger mismatch."""
     trainer_dtype: str = "float32"
-    """"float32", or "bfloat16": autocast for the trainer's forward/backward (fp32 master weights
-    and optimizer; dvp.py's softmax stays fp32). Fast only on a GPU or a CPU with AVX512-BF16/AMX."""
+    """"float32", or "bfloat16": the trainer's forward/backward on a bf16 copy of the model (fp32
+    master weights and optimizer; dvp.py's softmax stays fp32). Fast only on a GPU or a CPU with
+    AVX512-BF16/AMX."""
     cache_dir: str = field(default_factory=lambda: os.environ.get("DVP_CACHE", str(Path.home() / ".cache" / "dvp")))
     """where the embedded model is converted to an HF folder (once)."""
 
@@ -364,25 +366,55 @@ def scatter(values, mask, fill=0.0):
     return out
 
 
-def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None, dtype=torch.float32):
+def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None):
     """log pi_S of every completion token over the trainer's own safe set (dvp.py), from one
-    forward pass, for the group_size completions of each prompt (prompt-major). dtype=bfloat16:
-    the model body under bf16 autocast and the LM-head matmul in bf16; the softmax stays fp32.
+    forward pass, for the group_size completions of each prompt (prompt-major). The model body
+    and the LM-head matmul run in the model's dtype; the softmax is float32 either way (dvp.py).
 
     Returns dvp.PrunedLogProbs of (n*G, width) tensors (width: default the longest completion;
     0 / False past each completion's end) and the mean |S| over up to 256 of the positions
     (full logits are never built). Raises FloatingPointError on non-finite activations."""
     tokens, mask = (t.to(model.device) for t in pad(completions, 0, width=width))
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        h = completion_hidden(model, prompts, completions, group_size)                  # (nG, Tc, D), Tc <= width
-    h = (h[mask[:, :h.shape[1]]] / temperature).to(dtype)                               # (N, D): real tokens only
+    h = completion_hidden(model, prompts, completions, group_size)                      # (nG, Tc, D), Tc <= width
+    h = h[mask[:, :h.shape[1]]] / temperature                                           # (N, D): real tokens only
     if not torch.isfinite(h).all():
         raise FloatingPointError("the trainer's hidden states contain NaN or inf")
-    head = model.get_output_embeddings().weight.to(dtype)                               # (V, D); .to keeps the gradient path
+    head = model.get_output_embeddings().weight                                         # (V, D)
     res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
     with torch.no_grad():
         set_size = dvp.safe_mask(h[:256] @ head.T, min_p).sum(-1).float().mean().item()
     return dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask)), set_size
+
+
+def compute_copy(model, dtype):
+    """The model the trainer's forward/backward runs on: `model` itself in float32; for bfloat16 a
+    bf16 copy, whose gradients add_grads moves into the float32 master weights (the optimizer's)
+    and which refresh rounds again from them after each optimizer step. A whole bf16 copy rather
+    than autocast: autocast casts every weight again at every forward and keeps the norms and
+    residual adds in float32; on a 2-core CPU those casts took as long as the matmuls."""
+    if dtype == torch.float32:
+        return model
+    fast = copy.deepcopy(model).to(dtype)
+    if fast.device.type == "cpu":      # torch's CPU flash attention is slow in bf16 (backward); eager's bmm is not
+        fast.set_attn_implementation("eager")
+    return fast
+
+
+def add_grads(master, fast):
+    """Add fast's gradients into master's (float32, summed over micro-batches) and clear them."""
+    if fast is not master:
+        for p, q in zip(master.parameters(), fast.parameters()):
+            if q.grad is not None:
+                p.grad = q.grad.float() if p.grad is None else p.grad.add_(q.grad)
+                q.grad = None
+
+
+@torch.no_grad()
+def refresh(master, fast):
+    """Copy the master weights into the compute copy (rounded to its dtype)."""
+    if fast is not master:
+        for p, q in zip(master.parameters(), fast.parameters()):
+            q.copy_(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +494,7 @@ def main(args: Args):
     if trainer_dtype == torch.bfloat16 and device.type == "cpu" and not fast_cpu_bf16():
         raise SystemExit("--trainer-dtype bfloat16: this CPU has neither AVX512-BF16 nor AMX, where bf16 matmul runs "
                          "tens of times slower than float32; use --trainer-dtype float32")
+    fast = compute_copy(model, trainer_dtype)                        # the forward/backward model
     llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)
     sync_weights(llm, model)  # the trainer's weights as the engine will see them from now on (bf16-rounded)
     kv = "" if args.engine_kv_dtype == "auto" else f", KV cache {args.engine_kv_dtype}"
@@ -502,7 +535,7 @@ def main(args: Args):
         in_set_all = torch.zeros(mask.shape, dtype=torch.bool)
         set_sizes, done = [], torch.zeros(len(rollouts), dtype=torch.bool)      # done: rows whose log-probs exist
         rejected = 0                                                            # sequences dropped by mis / geo
-        model.train()
+        fast.train()
         optimizer.zero_grad(set_to_none=True)
         # token-level normalisation by all completion tokens of the batch (known before any forward,
         # so micro-batches add up to the full batch; out-of-set tokens are a few per thousand).
@@ -513,8 +546,8 @@ def main(args: Args):
             s = slice(g0 * G, (g0 + groups_per_mb) * G)
             try:
                 (logp, in_set, eps), set_size = trainer_logprobs(
-                    model, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G, args.min_p,
-                    args.temperature, width=mask.shape[1], dtype=trainer_dtype)         # (mb, Tc) each
+                    fast, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G, args.min_p,
+                    args.temperature, width=mask.shape[1])                              # (mb, Tc) each
             except FloatingPointError as e:                       # caught so that the step is skipped, not crashed
                 tqdm.write(f"step {step}: {e}")
                 loss_val = math.nan
@@ -529,6 +562,7 @@ def main(args: Args):
                 weights, rejected = kept.float(), rejected + int((~kept).sum())
             loss = dvp.grpo_loss(logp, adv[s], keep, weights=weights, num_tokens=n_tokens)
             loss.backward()
+            add_grads(model, fast)
             loss_val += loss.item()
             logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), eps.cpu()
             set_sizes.append(set_size)
@@ -547,6 +581,7 @@ def main(args: Args):
         else:
             bad_steps = 0
             optimizer.step()
+            refresh(model, fast)
         t_train = time.time() - t0
 
         # 6) weight sync into the engine, checked

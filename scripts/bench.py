@@ -10,8 +10,9 @@ Measures, in fp32, with N positions and vocabulary size V:
                8192 with the same C: DVP's peak is one chunk's worth whatever N, plain grows with N.
 grpo rows   the trainer phase of one default GRPO step on the real model (8 prompts x 8 completions of
             10-40 tokens, train.trainer_logprobs + backward + AdamW), fp32 and, on a GPU or a CPU with
-            AVX512-BF16/AMX, bf16 autocast; with its matmul FLOPs, the achieved rate, and as the ceiling
-            this machine's own matmul rate at the model's shapes in the same dtype.
+            AVX512-BF16/AMX, bf16 (a bf16 copy of the model, fp32 master weights); with its matmul
+            FLOPs, the achieved rate, and as the ceiling this machine's own matmul rate at the
+            model's shapes in the same dtype.
 Logits are Zipf-like (a few head tokens, a long tail, like an LM's), seeded. Each row runs in fresh
 subprocesses, plain and DVP on the same inputs. Time: a warm-up call each, then the median
 [min-max] of --repeats calls, plain and DVP alternating (both see the same load and heap state);
@@ -358,7 +359,7 @@ def _matmul_rate(torch, m, k, n, dtype, device, seconds=0.3):
 
 def grpo_step(device, repeats, seed=0):
     """Time the trainer phase (phase 4 + 5 of train.py) of one default step, 8 prompts x 8 completions,
-    fp32 and (where fast) bf16 autocast; count its FLOPs; print a table against the matmul ceiling."""
+    fp32 and (where fast) bf16 (train.compute_copy); count its FLOPs; print a table against the matmul ceiling."""
     import torch
     sys.path.insert(0, ROOT)
     import train
@@ -387,15 +388,16 @@ def grpo_step(device, repeats, seed=0):
     rows = []
     for dt in dtypes:
         ceiling = sum(f for *_, f in shapes) / sum(f / _matmul_rate(torch, m, k, n, dt, device) for m, k, n, f in shapes)
-        times = []
+        fast, times = train.compute_copy(model, dt), []
         for rep in range(repeats + 1):                                  # the first is a warm-up
             t0 = time.perf_counter()
             for s in range(0, P, 4):                                    # micro-batches of 32 sequences, as train.py
-                (logp, in_set, _), _ = train.trainer_logprobs(model, prompts[s:s + 4], comps[s * G:(s + 4) * G], G, 1e-3, dtype=dt)
+                (logp, in_set, _), _ = train.trainer_logprobs(fast, prompts[s:s + 4], comps[s * G:(s + 4) * G], G, 1e-3)
                 (-(logp * in_set).sum() / Nc).backward()
+                train.add_grads(model, fast)
             sync()
             t1 = time.perf_counter()
-            opt.step(), opt.zero_grad(set_to_none=True)
+            opt.step(), opt.zero_grad(set_to_none=True), train.refresh(model, fast)
             sync()
             if rep:
                 times.append((t1 - t0, time.perf_counter() - t1))
@@ -411,7 +413,8 @@ def grpo_step(device, repeats, seed=0):
     for name, fb, op, rate, ceil in rows:
         print(f"| {name} | {fb:.2f} | {op:.2f} | {rate:.0f} | {ceil:.0f} | {rate / ceil:.0%} |")
     if len(rows) == 2:
-        print(f"\nbf16 autocast: fwd+bwd {rows[0][1] / rows[1][1]:.2f}x faster than fp32.")
+        print(f"\nbf16 (a bf16 copy of the model, fp32 master weights): fwd+bwd {rows[0][1] / rows[1][1]:.2f}x faster "
+              f"than fp32, whole step {sum(rows[0][1:3]) / sum(rows[1][1:3]):.2f}x.")
 
 
 def main():
