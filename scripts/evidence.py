@@ -1,25 +1,24 @@
 """Evidence for the paper's claims, with the real engine and the trainer on the default model.
 
-    make mismatch            # python scripts/evidence.py mismatch: log-prob gap by trainer probability, per rho
-    make compare             # python scripts/evidence.py compare: plain GRPO vs TIS vs MIS vs DVP training runs
-    make compare ARGS="--engine-noise 1.0"   # the same with the engine's mismatch amplified by a known delta
+    make mismatch ARGS="--engine-kv-dtype fp8"   # evidence.py mismatch: the log-prob gap, per rho
+    make compare ARGS="--engine-kv-dtype fp8"    # evidence.py compare: five arms x seeds of train.py
+    python scripts/evidence.py plot --engine-kv-dtype fp8   # redraw a compare from the runs on disk
 
 mismatch: samples a fixed prompt set (the held-out arithmetic problems, 4 completions each) at
-rho in {0, 1e-3, 1e-2, 1e-1}, recomputes every sampled token's log-prob in the trainer (fp32) over
-the trainer's own safe set, and reports dvp.mismatch_stats per rho: a markdown table
-(figures/mismatch[-noiseD][-float32].md) and a figure of |log pi - log mu| against p with the
-(1 - p) shape.
+each rho (--rhos, default 0 1e-3 1e-2 1e-1), recomputes every sampled token's log-prob in the
+trainer (fp32) over the trainer's own safe set, and writes per rho dvp.mismatch_stats and what
+the MIS and geo filters would drop (figures/mismatch{tag}.md, .png), and the cumulative
+log-ratio along the completion (figures/drift{tag}.json; figures/drift.png from every drift file).
 
-compare: runs train.py once per arm with the same seed and budget, each in its own folder under
-runs/compare[-noiseD][-float32][-seedS]/ (an interrupted arm resumes, a complete one is not
-re-run, and train.py refuses to resume an arm with other settings: delete that folder to change
-them),
-then plots reward, held-out sampled accuracy, gradient norm, K3 KL and the bias bound against the
-step, all arms on one panel per metric (figures/compare[-noiseD][-float32][-seedS].png), and
-writes a summary table. -float32 marks runs whose engine ran in float32 (--engine-dtype; auto
-picks it on CPUs without AVX-512, where vLLM's bf16 is slow). Arguments evidence.py does not
-know are passed to every arm's train.py (e.g. --prompts-per-step 4).
-Plots need matplotlib, which the make targets install into .venv.
+compare: runs train.py for each arm (plain GRPO, TIS, MIS, geo, DVP) and each seed (--seeds,
+default 0 1 2) with the budget BUDGET, each in runs/compare{tag}/seed{S}/{arm}/ (an interrupted
+run resumes, a complete one is not re-run, and train.py refuses to resume a run with other
+settings: delete that folder to change them); then a table (mean and min-max over seeds, a
+Student-t 95 % interval from 4 seeds on) and one panel per metric (figures/compare{tag}.md, .png).
+{tag}: -kvfp8 for an FP8 KV cache, -noiseD for --engine-noise D, -float32 for a float32 engine
+(--engine-dtype; auto picks it on CPUs without AVX-512, where vLLM's bf16 is slow). Arguments
+evidence.py does not know are passed to every run's train.py. Plots need matplotlib, which the
+make targets install into .venv.
 """
 import argparse
 import json
