@@ -635,7 +635,7 @@ def summarize(out: Path):
     print(f"  seconds per step: generate {mean('time_generate'):.1f}, train {mean('time_train'):.1f}, sync {mean('time_sync'):.1f}; "
           f"mean K3 KL {mean('kl_k3'):.1e}, bias bound {mean('bias_bound'):.3f}")
     print(f"  metrics: {out / 'metrics.jsonl'}   checkpoint: {out / 'checkpoint.pt'}")
-    print(f"  continue:  python train.py --out {out} --resume --steps N   (N > {tr[-1]['step']}; other settings as before)")
+    print(f"  continue:  make train ARGS=\"--out {out} --resume --steps N\"   (N > {tr[-1]['step']}; other settings as before)")
     try:
         import matplotlib
     except ImportError:
