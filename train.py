@@ -610,7 +610,8 @@ def main(args: Args):
 
 
 def fast_cpu_bf16():
-    return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def latest(recs, kind):

@@ -244,7 +244,7 @@ def compare(args):
     note = (f"`{cmd}`: wall time {(time.time() - t0) / 60:.0f} min on {platform_note()} "
             "(runs that were already complete take seconds; see each run's time_* records).")
     (runs / "note.md").write_text(note + "\n")                   # `evidence.py plot` reuses it
-    summarize_compare(runs, args, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", note)
+    summarize_compare(args)
 
 
 def platform_note():
@@ -256,9 +256,6 @@ def read(path):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-latest = train.latest
-
-
 def smooth(ys, k=3):
     """Trailing k-step mean (the train reward of one step is 32 samples: noisy)."""
     return [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
@@ -266,7 +263,7 @@ def smooth(ys, k=3):
 
 def run_summary(recs):
     """One run's numbers for the compare table."""
-    tr, ev = latest(recs, "train"), latest(recs, "eval")
+    tr, ev = train.latest(recs, "train"), train.latest(recs, "eval")
     r = smooth([x["reward"] for x in tr])
     mean = lambda k: sum(x.get(k, 0.0) for x in tr) / len(tr)
     return {"sampled_acc": ev[-1]["sampled_acc"], "unpruned_acc": ev[-1].get("sampled_acc_unpruned", ev[-1]["sampled_acc"]),
@@ -298,8 +295,12 @@ COLUMNS = [("unpruned_acc", "held-out sampled acc at the end, unpruned sampler",
            ("rejected", "sequences rejected", ".3f")]
 
 
-def summarize_compare(runs, args, png, md, note):
-    """Table (mean and interval over seeds per arm) and figure (mean line and band per arm)."""
+def summarize_compare(args):
+    """Table (mean and interval over seeds per arm) and figure (mean line and band per arm) of the
+    runs in runs/compare{tag}/, into figures/compare{tag}.md and .png, under compare's note."""
+    tag = tag_of(args)
+    runs, png, md = ROOT / "runs" / f"compare{tag}", Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md"
+    note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -312,8 +313,8 @@ def summarize_compare(runs, args, png, md, note):
              "|---" * (len(COLUMNS) + 4) + "|"]
     for arm, (name, _, _) in ARMS.items():
         runs_arm = [read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done]
-        runs_arm = [r for r in runs_arm if latest(r, "train") and latest(r, "eval")
-                    and latest(r, "train")[-1]["step"] >= args.steps and latest(r, "eval")[-1]["step"] >= args.steps]
+        finished = lambda r: all((lr := train.latest(r, k)) and lr[-1]["step"] >= args.steps for k in ("train", "eval"))
+        runs_arm = [r for r in runs_arm if finished(r)]
         if not runs_arm:
             continue
         sums = [run_summary(r) for r in runs_arm]
@@ -322,7 +323,7 @@ def summarize_compare(runs, args, png, md, note):
                      + f" | {interval([x['minutes'] for x in sums])[0]:.1f} |")
         for ax, (key, title) in zip(axes.flat, panels):
             src = "eval" if key.endswith("unpruned") else "train"
-            per_seed = [latest(r, src) for r in runs_arm]
+            per_seed = [train.latest(r, src) for r in runs_arm]
             steps = sorted(set.intersection(*[{x["step"] for x in recs} for recs in per_seed]))
             ys = [[x.get(key, x.get("sampled_acc", 0.0)) for x in recs if x["step"] in steps] for recs in per_seed]
             if key == "reward":
@@ -371,10 +372,7 @@ def main():
     elif args.what == "compare":
         compare(args)
     else:  # re-draw the compare table and figure from the runs on disk
-        tag = tag_of(args)
-        runs = ROOT / "runs" / f"compare{tag}"
-        note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
-        summarize_compare(runs, args, Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md", note)
+        summarize_compare(args)
 
 
 if __name__ == "__main__":
