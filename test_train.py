@@ -477,9 +477,9 @@ def test_trl_dvp_trains_with_colocated_vllm_sampling_and_sees_the_engines_mismat
 def test_plain_trl_scores_the_full_distribution_so_its_sampling_ratio_is_biased_below_one(tiny_model, tmp_path):
     """TRL issue 6789: with min_p > 0 vLLM reports log mu_S, plain TRL scores log pi, so log pi - log mu_S is
     about log Z_S < 0 on every token; DVP scores log pi_S and only the numerics remain."""
-    from trl import GRPOTrainer
+    from examples import PlainGRPOTrainer
     metrics = {}
-    for name, cls in (("plain", GRPOTrainer), ("dvp", None)):
+    for name, cls in (("plain", PlainGRPOTrainer), ("dvp", None)):
         trainer = make_trl_trainer(tiny_model, tmp_path / name, min_p=0.05, cls=cls, max_steps=1,
                                    vllm_importance_sampling_mode="token_truncate", **VLLM_TRL)
         trainer.train()
