@@ -568,3 +568,14 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
     assert (m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3)
             and lo == pytest.approx(2 * m - hi))
+
+
+def test_readme_links_into_the_code_land_on_what_they_name():
+    import re
+    readme = (HERE / "README.md").read_text()
+    links = re.findall(r"\[`([^`]+)`\]\(([\w./]+\.py)#L(\d+)\)", readme)
+    assert len(links) >= 10, "the paper -> code table links into dvp.py"
+    for name, path, line in links:
+        text = (HERE / path).read_text().splitlines()[int(line) - 1]
+        word = re.split(r"[ (=]", name.split(".")[-1].strip())[0]      # `train.generate` -> generate
+        assert word in text, f"README links `{name}` to {path}:{line}, which reads {text.strip()!r}"
