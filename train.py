@@ -172,8 +172,7 @@ def main(args: Args):
         t0 = time.time()
         completion_mask, engine_logp = pad_rollouts(rollouts, run.device)        # (B, T): real tokens, log mu_S
         num_tokens = completion_mask.sum()        # the loss denominator (dvp.grpo_loss explains the choice)
-        seen = empty_logprobs(completion_mask.shape)                       # filled per micro-batch, for the log
-        done, rejected, set_sizes, loss_sum = torch.zeros(len(rollouts), dtype=torch.bool), 0, [], 0.0
+        log, loss_sum = StepLog(completion_mask.shape), 0.0                  # what phase 7 reports
         compute_model.train()
         optimizer.zero_grad(set_to_none=True)
         for s in micro_batches(len(rollouts), G, args.micro_batch):
@@ -190,11 +189,8 @@ def main(args: Args):
             loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
             loss.backward()
             add_grads(model, compute_model)
-            loss_sum, rejected = loss_sum + loss.item(), rejected + dropped
-            for whole, part in zip(seen, lp):
-                whole[s] = part.detach().cpu()
-            done[s] = True
-            set_sizes.append(set_size)
+            loss_sum += loss.item()
+            log.add(s, lp, set_size, dropped)
 
         # 5) optimizer step with gradient clipping; a non-finite loss or gradient skips the step
         grad_norm, skipped = optimizer_step(model, compute_model, optimizer, loss_sum, args.max_grad_norm)
@@ -212,13 +208,10 @@ def main(args: Args):
         t_sync = time.time() - t0
 
         # 7) log: one JSON line per step, a held-out evaluation and a checkpoint now and then
-        stats = dvp.mismatch_stats(seen.logp, engine_logp.cpu(), completion_mask.cpu() & done[:, None], seen.in_set,
-                                   seen.pruned_mass)
+        stats = log.stats(completion_mask, engine_logp)                     # the mismatch, the pruned mass, ...
         record = {"kind": "train", "step": step, "reward": rewards.mean().item(),
                   "accuracy": (rewards == 1).float().mean().item(), "loss": loss_sum, "grad_norm": grad_norm,
-                  "completion_len": completion_mask.sum(-1).float().mean().item(), "skipped": skipped,
-                  "safe_set_size": sum(set_sizes) / len(set_sizes) if set_sizes else None,
-                  "seq_rejected_frac": rejected / max(int(done.sum()), 1), **stats,
+                  "completion_len": completion_mask.sum(-1).float().mean().item(), "skipped": skipped, **stats,
                   "time_generate": t_generate, "time_train": t_train, "time_sync": t_sync, "time": time.time()}
         append_jsonl(run.metrics, record)
         bar.set_postfix_str(f"reward={record['reward']:.3f} acc={record['accuracy']:.3f} kl={stats['kl_k3']:.2e} "
@@ -231,9 +224,27 @@ def main(args: Args):
     summarize(Path(args.out))
 
 
-def empty_logprobs(shape):
-    """A zero dvp.PrunedLogProbs of `shape` on the CPU (logp, in_set, pruned_mass)."""
-    return dvp.PrunedLogProbs(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape))
+class StepLog:
+    """What the micro-batches of one step leave for its log (phase 7): log pi_S, in_set and pruned
+    mass of every completion token (B, T), the rows done, the safe-set sizes, the sequences dropped."""
+
+    def __init__(self, shape):
+        self.lp = dvp.PrunedLogProbs(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape))
+        self.done, self.set_sizes, self.rejected = torch.zeros(shape[0], dtype=torch.bool), [], 0
+
+    def add(self, rows, lp, set_size, dropped):
+        for whole, part in zip(self.lp, lp):
+            whole[rows] = part.detach().cpu()
+        self.done[rows] = True
+        self.set_sizes.append(set_size)
+        self.rejected += dropped
+
+    def stats(self, completion_mask, engine_logp):
+        """dvp.mismatch_stats over the rows done, the mean |S| and the fraction of sequences dropped."""
+        mask = completion_mask.cpu() & self.done[:, None]
+        return {"safe_set_size": sum(self.set_sizes) / len(self.set_sizes) if self.set_sizes else None,
+                "seq_rejected_frac": self.rejected / max(int(self.done.sum()), 1),
+                **dvp.mismatch_stats(self.lp.logp, engine_logp.cpu(), mask, self.lp.in_set, self.lp.pruned_mass)}
 
 
 def micro_batches(n, group_size, micro_batch):
