@@ -55,7 +55,9 @@ def regime_of(args):
     """The mismatch regime in words, for titles."""
     kv = "" if args.engine_kv_dtype == "auto" else f", {args.engine_kv_dtype} KV cache"
     noise = f", engine noise delta = {args.engine_noise:g}" if args.engine_noise else ""
-    return f"vLLM {dtype_of(args)}{kv}{noise} / float32 trainer"
+    extra = getattr(args, "train_args", [])
+    trainer = extra[extra.index("--trainer-dtype") + 1] if "--trainer-dtype" in extra else "float32"
+    return f"vLLM {dtype_of(args)}{kv}{noise} / {trainer} trainer"
 
 
 def measure(rho, llm, tok, model, prompts, n, max_tokens):
@@ -228,8 +230,9 @@ DEFAULT_ARMS = ["plain", "tis", "mis", "geo", "dvp"]
 
 # --preset long (claim (c) over a longer horizon): the FP8 KV cache, 80 steps, held-out evaluation every 20,
 # the four arms that matter there (figures/drift.png: rho = 1e-3 barely changes the FP8 drift, 1e-2 cuts it to a
-# third), the bf16 trainer where it is fast (1.8x), at the lr where make train used to fall back (BUDGET).
-LONG = dict(steps=80, eval_every=20, arms=["plain", "geo", "dvp", "dvp2"], engine_kv_dtype="fp8")
+# third; so 1e-2 runs second), the bf16 trainer where it is fast (1.8x), at the lr where make train used to fall
+# back (BUDGET). One run takes about 15-20 min on 2 cores: 4 arms x 3 seeds, about 3.5 hours, resumable.
+LONG = dict(steps=80, eval_every=20, arms=["plain", "dvp2", "geo", "dvp"], engine_kv_dtype="fp8")
 
 # Per-run budget beyond --steps: 4 prompts x 8 samples per step, held-out evaluation at the start
 # and the end only, so that 5 arms x 3 seeds fit in about 90 minutes on a 2-core CPU (each run:
