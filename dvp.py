@@ -88,8 +88,9 @@ def pruned_logprobs_plain(logits, tokens, min_p, *, keep=None):
     logits (..., V) after temperature, any float dtype (computed in float32, float64 stays float64);
     tokens (...) integer. Returns PrunedLogProbs(logp, in_set, pruned_mass), each shaped like tokens.
     Where in_set is False, pi_S(token) = 0; logp then holds the finite z_a - logsumexp_S z (below
-    log(min_p)), which the loss must mask out. min_p = 0 gives log_softmax(logits)[token].
-    keep (..., V) 0/1: mask replay, the sampler's kept set replaces the min_p rule.
+    log(min_p) under the min_p rule), which the loss must mask out. min_p = 0 gives
+    log_softmax(logits)[token]. keep (..., V) 0/1: mask replay, the sampler's kept set replaces the
+    min_p rule.
     """
     min_p = _check_min_p(min_p)
     _validate(logits, tokens)
@@ -247,7 +248,8 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
 def pruned_logprobs(logits, tokens, min_p, *, keep=None):
     """Equals pruned_logprobs_plain(logits, tokens, min_p, keep=keep): log pi_S(token) over the
     trainer's safe set, with the same values, in_set, pruned_mass and gradient (test_dvp.py), at
-    the cost of a plain log_softmax and without (N, V) temporaries.
+    the cost of a plain log_softmax and without (N, V) temporaries. It also takes keep as vLLM's CSR
+    pair, and rejects NaN and +inf logits (-inf, a masked token, is fine) and kept sets without mass.
 
     logits (..., V) float32/bfloat16/float16/float64 (computed in float32, float64 stays float64),
     tokens (...) integer. Returns PrunedLogProbs(logp, in_set, pruned_mass), each shaped like
@@ -361,7 +363,7 @@ def _forward_blocks(logit_block, N, V, tokens, min_p, rows, keep_rows, cd, devic
             for i in range(0, max(N, 1), rows)]  # N == 0: one empty block, so that empty input gives empty output
     logp, in_set, pruned, m, s_S, finite = (torch.cat(x) for x in zip(*outs))
     if not bool(finite.all()):
-        raise ValueError("logits contain NaN or inf")
+        raise ValueError("logits contain NaN or +inf, or a row that is all -inf")
     if not bool((s_S > 0).all()):
         raise ValueError("keep: at some position the kept tokens have no probability mass under these logits")
     return logp, in_set, pruned, m, s_S
@@ -371,7 +373,7 @@ def _row_stats(z, tokens, min_p, keep, buf):
     """z (R, V) in float32/64, tokens (R,), keep (R, V) bool or None (the min_p rule), buf (R, V) work
     memory -> per row: logp, in_set, pruned_mass, m = max z, s_S, and whether every logit is finite."""
     m = z.amax(-1)                                       # (R,)
-    finite = torch.isfinite(z.sum(-1))                   # NaN/inf anywhere in the row; much cheaper than aminmax
+    finite = ~torch.isnan(z.sum(-1)) & torch.isfinite(m)  # no NaN or +inf; -inf (a masked token) is fine
     e = torch.sub(z, m[:, None], out=buf).exp_()         # (R, V), values in [0, 1]
     s_all = e.sum(-1)
     in_set = (keep.gather(-1, tokens[:, None]) if keep is not None

@@ -113,7 +113,10 @@ class DVPGRPOTrainer(VLLMOnCPU, GRPOTrainer):
 
 
 def _vllm_on_cpu():
-    from vllm.platforms import current_platform         # the platform vLLM builds its engines for
+    try:
+        from vllm.platforms import current_platform     # the platform vLLM builds its engines for
+    except ImportError:                                 # no vLLM: TRL says so itself
+        return False
     return current_platform.is_cpu()
 
 
@@ -144,7 +147,7 @@ def _sync_by_reload(generation, model):
     generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     if generation.llm.reset_prefix_cache() is False:
         raise RuntimeError("weight sync: vLLM could not reset its prefix cache")
-    train.check_sync(generation.llm, model)
+    train.check_sync(generation.llm, model, dict(weights))
 
 
 @dataclass
@@ -185,6 +188,9 @@ def main(demo: Demo):
     reward = lambda completions, answer, **_: train.score([c[0]["content"] for c in completions], answer)
     batch = demo.prompts_per_step * demo.num_generations
     micro = min(demo.micro_batch, batch)
+    if batch % micro or micro % demo.num_generations:
+        raise SystemExit(f"examples.py: --micro-batch {micro} must divide the batch ({batch}) into whole groups "
+                         f"of {demo.num_generations}")
     config = GRPOConfig(output_dir=demo.out, min_p=demo.min_p, num_generations=demo.num_generations,
                         per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
                         max_completion_length=48, learning_rate=2e-5,
@@ -224,7 +230,9 @@ def time_phases(trainer):
     def timed(key, fn):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
-            key_ = key if key != "logps" else ("train_logps" if torch.is_grad_enabled() else "old_logps")
+            if key == "logps" and torch.is_grad_enabled():      # the loss pass: part of "train"
+                return fn(*a, **kw)
+            key_ = "old_logps" if key == "logps" else key
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)

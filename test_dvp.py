@@ -124,7 +124,6 @@ def test_gradient_is_onehot_minus_pruned_policy(fn):
     z = rand_logits(5, 30, seed=6).requires_grad_()
     tokens = z.argmax(-1)
     fn(z, tokens, 0.05).logp.sum().backward()
-    _, keep, _ = naive_pruned(z.detach(), tokens, 0.05)
     p = z.detach().softmax(-1)
     keep = p >= 0.05 * p.amax(-1, keepdim=True)
     p_S = torch.where(keep, p, 0.0) / torch.where(keep, p, 0.0).sum(-1, keepdim=True)
@@ -155,7 +154,7 @@ def _replay(form, keep):
 
 
 @pytest.mark.parametrize("replay", [None, "bool", "csr"])
-@pytest.mark.parametrize("min_p", [0.0, 1e-3, 0.05, 0.5])
+@pytest.mark.parametrize("min_p", [0.0, 1e-3, 0.05, 0.5, 1.0])      # 1.0: only the argmax (e = 1 >= 1) is kept
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_path_equals_the_plain_definition(device, dtype, min_p, replay, monkeypatch):
@@ -427,6 +426,33 @@ def test_clipped_loss_stops_the_gradient_outside_the_trust_region():
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0
 
 
+def test_clipped_loss_takes_the_pessimistic_side_for_negative_advantages():
+    logp = torch.zeros(1, 3, requires_grad=True)
+    old = torch.tensor([[1.0, -1.0, -0.1]])                  # ratios e^-1 (below 1 - eps), e^1 (above), e^0.1
+    loss = dvp.grpo_loss(logp, torch.tensor([-1.0]), torch.ones(1, 3, dtype=torch.bool), old_logp=old)
+    r = torch.exp(-old[0])
+    expected = -(torch.minimum(-r, -r.clamp(0.8, 1.2))).sum() / 3   # min(r A, clip(r) A) with A = -1
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    # A < 0: the ratio below 1 - eps is clipped (no gradient), the one above 1 + eps is not
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and logp.grad[0, 2] != 0
+
+
+@pytest.mark.parametrize("shape", ["token", "sequence"])
+def test_weights_multiply_each_token_and_get_no_gradient(shape):
+    g = torch.Generator().manual_seed(3)
+    logp = torch.randn(3, 4, generator=g, requires_grad=True)
+    A, mask = torch.randn(3, generator=g), torch.rand(3, 4, generator=g) > 0.3
+    w = torch.rand(3, 4, generator=g) if shape == "token" else torch.rand(3, generator=g)
+    w.requires_grad_()
+    loss = dvp.grpo_loss(logp, A, mask, weights=w)
+    w_full = w if shape == "token" else w[:, None].expand(3, 4)
+    expected = -(mask * w_full * A[:, None] * logp).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert w.grad is None, "importance weights are constants of the loss (detached)"
+
+
 def test_num_tokens_makes_micro_batches_add_up_to_the_full_batch():
     logp, A = torch.randn(6, 5), torch.randn(6)
     mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(1)) > 0.4
@@ -444,6 +470,13 @@ def test_tis_weights_and_mis_mask_match_reference():
     assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, False]
     mask[1, 2] = False                                                  # masked tokens do not count
     assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, True]
+
+
+def test_mis_keeps_a_sequence_whose_ratio_is_exactly_at_the_cap():
+    logp = torch.tensor([[math.log(3.0), 0.0], [-math.log(3.0), 0.0], [math.log(3.0) + 1e-9, 0.0]],
+                        dtype=torch.float64)
+    mu, mask = torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.bool)
+    assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, True, False], "ratio in [1/C, C], ends included"
 
 
 def verl_seq_mean_k1(logp, engine_logp, mask, lo, hi):
@@ -659,16 +692,40 @@ def test_bad_shapes_and_token_ids_are_rejected():
         dvp.grpo_advantages(torch.zeros(5), group_size=2)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_logits_are_rejected(bad):
     z = torch.zeros(4, 10)
     z[2, 3] = bad
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match=r"NaN or \+inf"):
         dvp.pruned_logprobs(z, torch.zeros(4, dtype=torch.long), 0.1)
     w = torch.zeros(10, 5)
     w[3, 0] = bad
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match=r"NaN or \+inf"):
         dvp.pruned_logprobs_from_hidden(torch.ones(4, 5), w, torch.zeros(4, dtype=torch.long), 0.1)
+
+
+def test_minus_inf_logits_are_masked_tokens_and_a_row_of_them_is_rejected():
+    """-inf marks a token the model may not emit (a padded or masked vocabulary): both paths give it
+    probability 0 and leave the rest as without it; a row with no finite logit has no distribution."""
+    z = rand_logits(6, 40, seed=40, dtype=torch.float32)
+    z[:, 30:] = -math.inf
+    tokens = torch.randint(30, (6,), generator=torch.Generator().manual_seed(41))
+    for min_p in (0.0, 0.05):
+        outs = []
+        for fn in (dvp.pruned_logprobs_plain, dvp.pruned_logprobs):
+            x = z.clone().requires_grad_()
+            out = fn(x, tokens, min_p)
+            out.logp.sum().backward()
+            outs.append((out, x.grad))
+        (plain, g_plain), (fast, g_fast) = outs
+        ref = fast if min_p else dvp.pruned_logprobs(z[:, :30], tokens, 0.0)
+        torch.testing.assert_close(fast.logp, plain.logp)
+        torch.testing.assert_close(fast.logp, ref.logp)
+        torch.testing.assert_close(g_fast, g_plain)
+        assert torch.isfinite(g_fast).all() and (g_fast[:, 30:] == 0).all()
+    z[2] = -math.inf
+    with pytest.raises(ValueError, match="all -inf"):
+        dvp.pruned_logprobs(z, tokens, 0.1)
 
 
 # --- the file itself ------------------------------------------------------------------------------

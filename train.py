@@ -23,6 +23,7 @@ last checkpoint, and --resume continues from it.
 """
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -197,8 +198,6 @@ def main(args: Args):
         bad_steps = bad_steps + 1 if skipped else 0
         if skipped:
             tqdm.write(f"step {step}: loss {loss_sum}, grad norm {grad_norm}: skipped ({bad_steps} in a row)")
-        if bad_steps >= 3:
-            raise RuntimeError(f"{bad_steps} non-finite steps in a row: stopping (see {run.metrics})")
         t_train = time.time() - t0
 
         # 6) weight sync into the engine, checked
@@ -214,6 +213,8 @@ def main(args: Args):
                   "completion_len": completion_mask.sum(-1).float().mean().item(), "skipped": skipped, **stats,
                   "time_generate": t_generate, "time_train": t_train, "time_sync": t_sync, "time": time.time()}
         append_jsonl(run.metrics, record)
+        if bad_steps >= 3:
+            raise RuntimeError(f"{bad_steps} non-finite steps in a row: stopping (see {run.metrics})")
         bar.set_postfix_str(f"reward={record['reward']:.3f} acc={record['accuracy']:.3f} kl={stats['kl_k3']:.2e} "
                             f"bias={stats['bias_bound']:.3f}")
         if step % args.eval_every == 0 or step == args.steps:
@@ -303,13 +304,13 @@ def run_state(args: Args):
     metrics, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     has_records = metrics.exists() and metrics.stat().st_size > 0
     if not args.resume:
-        if has_records:
-            raise SystemExit(f"{metrics} already has records: pass --resume to continue that run (from its "
-                             f"checkpoint, or from step 0 if it stopped before the first one), or choose another --out")
+        if has_records or ckpt.exists():
+            raise SystemExit(f"{out} already holds a run: pass --resume to continue it (from its checkpoint, or "
+                             f"from step 0 if it stopped before the first one), or choose another --out")
         return metrics, ckpt, None
     saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
     changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v}
-    changed -= {"steps", "resume", "cache_dir"}
+    changed -= {"steps", "resume", "cache_dir", "out"}
     if changed:
         raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} "
                          "(only --steps may change)")
@@ -498,7 +499,7 @@ def start_engine(path, args: Args, device, max_model_len, seed):
     # gpu_memory_utilization would reserve that fraction of RAM, so size the KV cache instead.
     kw = dict(gpu_memory_utilization=0.35) if device.type == "cuda" else dict(kv_cache_memory_bytes=1 << 30)
     if args.engine_noise > 0:
-        kw["logits_processors"] = [engine_noise_processor(args.engine_noise, args.seed)]
+        kw["logits_processors"] = [engine_noise_processor(args.engine_noise, seed)]
     return LLM(model=path, dtype=engine_dtype(args, device), enforce_eager=True, max_model_len=max_model_len, seed=seed,
                logprobs_mode="processed_logprobs", kv_cache_dtype=args.engine_kv_dtype, use_tqdm_on_load=False, **kw)
 
@@ -509,13 +510,16 @@ def engine_dtype(args: Args, device, capability=None):
     if args.engine_dtype != "auto":
         return args.engine_dtype
     if device.type == "cuda":
-        capability = capability or torch.cuda.get_device_capability(device)
-        if tuple(capability) >= (8, 0):
-            return "bfloat16"
-        print(f"--engine-dtype auto: this GPU (compute capability {capability[0]}.{capability[1]}) has no bfloat16 "
-              "in vLLM; using float32", flush=True)
-        return "float32"
+        capability = tuple(capability or torch.cuda.get_device_capability(device))
+        return "bfloat16" if capability >= (8, 0) else _gpu_without_bf16(capability)
     return "bfloat16" if " avx512f" in cpu_flags() else "float32"
+
+
+@functools.cache
+def _gpu_without_bf16(capability):
+    print(f"--engine-dtype auto: this GPU (compute capability {capability[0]}.{capability[1]}) has no bfloat16 "
+          "in vLLM; using float32", flush=True)
+    return "float32"
 
 
 def cpu_flags():
@@ -574,10 +578,10 @@ def generate(llm, prompts, *, n, temperature, min_p, max_tokens):
 
 
 def _fingerprint(p):
-    """Two float64 sums, of the whole tensor and of its first half of rows: equal values in the same
-    order give the same pair (the second catches swapped shards of a fused matrix)."""
-    p = p.detach()
-    return float(p.double().sum()), float(p[:max(1, len(p) // 2)].double().sum())
+    """Two float64 sums, of the whole tensor and of its first half (row-major): equal values in the
+    same order give the same pair (the second catches swapped shards of a fused matrix)."""
+    flat = p.detach().reshape(-1)
+    return float(flat.double().sum()), float(flat[:max(1, flat.numel() // 2)].double().sum())
 
 
 def _engine_fingerprint(worker):
@@ -591,12 +595,11 @@ def fused_like_vllm(state_dict):
     matrix each there (vllm/model_executor/models/llama.py, hf_to_vllm_mapper; tensor parallel 1)."""
     out = dict(state_dict)
     for n in state_dict:
-        if n.endswith("self_attn.q_proj.weight"):
-            p = n[:-len("q_proj.weight")]
-            out[p + "qkv_proj.weight"] = torch.cat([state_dict[p + k + "_proj.weight"] for k in "qkv"], 0)
-        elif n.endswith("mlp.gate_proj.weight"):
-            p = n[:-len("gate_proj.weight")]
-            out[p + "gate_up_proj.weight"] = torch.cat([state_dict[p + k + "_proj.weight"] for k in ("gate", "up")], 0)
+        for fused, parts in (("qkv_proj", ("q", "k", "v")), ("gate_up_proj", ("gate", "up"))):
+            first = f".{parts[0]}_proj."
+            if first in n and n.rsplit(".", 1)[-1] in ("weight", "bias"):      # q_proj.weight, q_proj.bias, ...
+                out[n.replace(first, f".{fused}.")] = torch.cat([state_dict[n.replace(first, f".{k}_proj.")]
+                                                                 for k in parts], 0)
     return out
 
 
@@ -608,15 +611,17 @@ def sync_weights(llm, model):
     if llm.reset_prefix_cache() is False:     # vLLM only logs a warning when blocks are still in use
         raise RuntimeError("weight sync: vLLM could not reset its prefix cache, so cached prompts would still "
                            "carry the old weights' keys and values")
-    check_sync(llm, model)
+    check_sync(llm, model, dict(weights))
 
 
-def check_sync(llm, model):
+def check_sync(llm, model, sent=None):
     """Fail loudly unless every engine parameter that has a trainer counterpart of the same name
-    (fused q/k/v and gate/up included) holds the trainer's bf16 values. vLLM itself only logs a
-    warning for weights it did not load (model_loader/reload/inplace.py)."""
+    (fused q/k/v and gate/up included) holds the trainer's bf16 values: those of `sent`, the
+    {name: tensor} that was loaded, or else of model.state_dict(). vLLM itself only logs a warning
+    for weights it did not load (model_loader/reload/inplace.py). On the CPU backend only the
+    embeddings and norms are readable, so a sync that loads nothing into the linear layers would pass."""
     engine = llm.collective_rpc(_engine_fingerprint)[0]
-    trainer = fused_like_vllm(model.state_dict())
+    trainer = fused_like_vllm(sent if sent is not None else model.state_dict())
     common = [n for n in engine if n in trainer]
     if not common:
         raise RuntimeError("weight sync check: no engine parameter matches a trainer parameter by name")

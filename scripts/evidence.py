@@ -2,6 +2,7 @@
 
     make mismatch ARGS="--engine-kv-dtype fp8"   # evidence.py mismatch: the log-prob gap, per rho
     make compare ARGS="--engine-kv-dtype fp8"    # evidence.py compare: five arms x seeds of train.py
+    make compare ARGS="--preset long"            # claim (c) over 80 steps: FP8 KV, 4 arms x 3 seeds, ~3.5 h
     python scripts/evidence.py plot --engine-kv-dtype fp8   # redraw a compare from the runs on disk
 
 mismatch: samples a fixed prompt set (the held-out arithmetic problems, 4 completions each) at
@@ -15,10 +16,13 @@ default 0 1 2) with the budget BUDGET, each in runs/compare{tag}/seed{S}/{arm}/ 
 run resumes, a complete one is not re-run, and train.py refuses to resume a run with other
 settings: delete that folder to change them); then a table (mean and min-max over seeds, a
 Student-t 95 % interval from 4 seeds on) and one panel per metric (figures/compare{tag}.md, .png).
-{tag}: -kvfp8 for an FP8 KV cache, -noiseD for --engine-noise D, -float32 for a float32 engine
-(--engine-dtype; auto picks it on CPUs without AVX-512, where vLLM's bf16 is slow). Arguments
-evidence.py does not know are passed to every run's train.py. Plots need matplotlib, which the
-make targets install into .venv.
+--preset long (claim (c) over 80 steps; LONG below): FP8 KV cache, arms plain, DVP at 1e-2, geo,
+DVP at 1e-3, held-out evaluation every 20 steps, the bf16 trainer where it is fast; a finished
+run's checkpoint is deleted (its records are what the table reads, and git keeps them).
+{tag}: -long for that preset, -kvfp8 for an FP8 KV cache, -noiseD for --engine-noise D, -float32
+for a float32 engine (--engine-dtype; auto picks it on CPUs without AVX-512, where vLLM's bf16 is
+slow). Arguments evidence.py does not know are passed to every run's train.py. Plots need
+matplotlib, which the make targets install into .venv.
 """
 import argparse
 import json
@@ -253,6 +257,10 @@ def compare(args):
             recs = read(d / "metrics.jsonl")
             if finished(recs, args.steps):
                 continue
+            last = train.latest(recs, "train")
+            if last and last[-1]["step"] >= 10 and not (d / "checkpoint.pt").exists():
+                raise SystemExit(f"{d} stopped at step {last[-1]['step']} and has no checkpoint (the long preset "
+                                 "deletes a finished run's): it cannot be extended; delete the folder to rerun it")
             cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(d), "--steps", str(args.steps), "--min-p", rho,
                    "--correction", corr, "--seed", str(seed), "--engine-noise", str(args.engine_noise),
                    "--eval-every", str(args.eval_every or args.steps), "--engine-dtype", args.engine_dtype,
@@ -357,7 +365,8 @@ def summarize_compare(args):
         sums = [run_summary(r) for r in runs_arm]
         for x in sums:
             x.update({f"acc@{k}": v for k, v in x["acc_at"].items()})
-        cell = lambda k, f: "{0:{f}} [{1:{f}}, {2:{f}}]".format(*interval([x[k] for x in sums]), f=f)
+        cell = lambda k, f: ("{0:{f}} [{1:{f}}, {2:{f}}]".format(*interval([x[k] for x in sums if k in x]), f=f)
+                             if any(k in x for x in sums) else "-")
         lines.append(f"| {name} | {len(sums)} | {cell('start_acc', '.3f')} | "
                      + " | ".join(cell(k, f) for k, _, f in columns)
                      + f" | {interval([x['minutes'] for x in sums])[0]:.1f} |")

@@ -33,7 +33,7 @@ def problems(version=sys.version_info[:2], include=None, driver=None, compiler=N
     driver = driver if driver is not None else nvidia_driver()
     if driver is None:
         out.append("nvidia-smi did not report a driver version")
-    elif int(driver.split(".")[0]) < MIN_DRIVER:
+    elif not driver.split(".")[0].isdigit() or int(driver.split(".")[0]) < MIN_DRIVER:
         out.append(f"NVIDIA driver {driver}: vllm 0.33.0's CUDA 13 wheels need driver {MIN_DRIVER} or newer")
     return out
 
