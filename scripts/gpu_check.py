@@ -24,7 +24,11 @@ PARTS = [("dvp.py specification (test_dvp.py)", [sys.executable, "-m", "pytest",
 
 
 def main():
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit(f"gpu_check: {sys.executable} has no torch; run it with the Python that has torch and CUDA "
+                 "(make gpu-check PY=/path/to/python)")
     if not torch.cuda.is_available():
         sys.exit("gpu_check: torch sees no CUDA device (torch.cuda.is_available() is False)")
     major, minor = torch.cuda.get_device_capability(0)
