@@ -143,11 +143,7 @@ def _sync_by_reload(generation, model):
     (_iter_named_params: PEFT merge, ZeRO-3, FSDP), copied and rounded to bf16, in ONE reload_weights
     call (vLLM fills a layer that got only part of its weights with garbage), then checked as train.py does."""
     import train
-    weights = [(n, p.detach().to(torch.bfloat16, copy=True)) for n, p in generation._iter_named_params()]
-    generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-    if generation.llm.reset_prefix_cache() is False:
-        raise RuntimeError("weight sync: vLLM could not reset its prefix cache")
-    train.check_sync(generation.llm, model, dict(weights))
+    train.sync_weights(generation.llm, model, generation._iter_named_params())
 
 
 @dataclass

@@ -603,10 +603,12 @@ def fused_like_vllm(state_dict):
     return out
 
 
-def sync_weights(llm, model):
+def sync_weights(llm, model, named=None):
     """Load the trainer's weights into the engine, rounded to bf16, then check that they arrived.
+    named: (name, tensor) pairs to send instead of model.state_dict() (TRL gathers and names its own).
     Every tensor goes in one call: vLLM fills a layer that got only part of its weights with garbage."""
-    weights = [(k, v.detach().to(torch.bfloat16)) for k, v in model.state_dict().items()]
+    named = model.state_dict().items() if named is None else named
+    weights = [(k, v.detach().to(torch.bfloat16, copy=True)) for k, v in named]
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     if llm.reset_prefix_cache() is False:     # vLLM only logs a warning when blocks are still in use
         raise RuntimeError("weight sync: vLLM could not reset its prefix cache, so cached prompts would still "
