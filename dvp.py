@@ -237,10 +237,11 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
 # =============================================================================================
 # 3. The fast path: the same log-probs in row blocks, and mask replay
 #
-# Per block of rows, e = exp(z - max z) is written into one reused buffer, zeroed outside S in
-# place and summed, with a hand-written backward, so the cost stays that of a plain log_softmax
-# (`make bench` measures it) and nothing of size (N, V) is allocated or saved beyond the logits.
-#   forward:   logp_a = z_a - lse_S,   lse_S = m + log s_S,   s_S = sum_{b in S} e_b,   m = max z
+# Per block of rows, e = exp(z - m), m the largest logit in S, is written into one reused
+# buffer, zeroed outside S in place and summed, with a hand-written backward, so the cost stays
+# that of a plain log_softmax (`make bench` measures it) and nothing of size (N, V) is allocated
+# or saved beyond the logits.
+#   forward:   logp_a = z_a - lse_S,   lse_S = m + log s_S,   s_S = sum_{b in S} e_b,   m = max_S z
 #   backward:  d logp_a / d z = onehot(a) - pi_S,   pi_S = e * 1[S] / s_S
 # Rows are processed in blocks small enough to stay in cache (CPU) or big enough to fill the
 # device (GPU); the result does not depend on the block size.
@@ -371,10 +372,14 @@ def _forward_blocks(logit_block, N, V, tokens, min_p, rows, keep_rows, cd, devic
 
 def _row_stats(z, tokens, min_p, keep, buf):
     """z (R, V) in float32/64, tokens (R,), keep (R, V) bool or None (the min_p rule), buf (R, V) work
-    memory -> per row: logp, in_set, pruned_mass, m = max z, s_S, and whether every logit is finite."""
+    memory -> per row: logp, in_set, pruned_mass, m = max_S z (= max z under the min_p rule), s_S, and
+    whether every logit is finite."""
     m = z.amax(-1)                                       # (R,)
     finite = ~torch.isnan(z.sum(-1)) & torch.isfinite(m)  # no NaN or +inf; -inf (a masked token) is fine
-    e = torch.sub(z, m[:, None], out=buf).exp_()         # (R, V), values in [0, 1]
+    if keep is not None:   # replay: shift by the kept set's own max, which may lie far below max z
+        m_S = torch.where(keep, z, z.new_tensor(-math.inf), out=buf).amax(-1)
+        m = torch.where(torch.isfinite(m_S), m_S, m)     # a set without mass keeps max z: s_S = 0 (an error)
+    e = _shifted_exp_(z, m, keep, buf)                   # (R, V), values in [0, 1] inside S
     s_all = e.sum(-1)
     in_set = (keep.gather(-1, tokens[:, None]) if keep is not None
               else e.gather(-1, tokens[:, None]) > _below(min_p, e.dtype)).squeeze(-1)   # safe_mask's rule
@@ -386,14 +391,21 @@ def _row_stats(z, tokens, min_p, keep, buf):
 
 def _row_grad(z, tokens, m, s_S, min_p, g, keep, buf):
     """d(sum g * logp)/dz for one block: g * (onehot(tokens) - pi_S), written into buf (R, V)."""
-    grad = _prune_(torch.sub(z, m[:, None], out=buf).exp_(), min_p, keep)   # pi_S * s_S
+    grad = _prune_(_shifted_exp_(z, m, keep, buf), min_p, keep)   # pi_S * s_S
     grad.mul_((-g / s_S)[:, None])
     grad.scatter_add_(-1, tokens[:, None], g[:, None])
     return grad
 
 
+def _shifted_exp_(z, m, keep, buf):
+    """exp(z - m) into buf. Under replay, tokens outside the kept set may lie above m (its max):
+    their shift is capped at 60, so nothing overflows; the pruned mass, >= 1 - e^-60, is then 1."""
+    e = torch.sub(z, m[:, None], out=buf)
+    return (e if keep is None else e.clamp_(max=60.0)).exp_()
+
+
 def _prune_(e, min_p, keep):
-    """Zero e = exp(z - max z) (R, V) outside S, in place: the caller's kept set, or safe_mask's rule
+    """Zero e = exp(z - m) (R, V) outside S, in place: the caller's kept set, or safe_mask's rule
     e >= min_p as one fused op (a compare and a masked fill would be two passes and a mask)."""
     if keep is not None:
         return e.mul_(keep)

@@ -626,6 +626,47 @@ def test_replaying_the_min_p_set_equals_the_min_p_rule():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("form", ["bool", "csr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_replay_of_a_kept_set_far_below_the_argmax_equals_the_plain_definition(dtype, form):
+    """A replayed set whose logits lie 60-1000 nats below the trainer's argmax (stale weights, a
+    bad engine): exp(z - max z) would underflow there (float32 below ~-87, float64 ~-745); the fast path shifts by
+    the kept set's own max and equals the plain definition, with a pruned mass of 1."""
+    N, V = 6, 50
+    z = rand_logits(N, V, seed=42, dtype=dtype)
+    keep = torch.zeros(N, V, dtype=torch.bool)
+    keep[:, 10:14] = True
+    z[:, :10] += torch.tensor([60.0, 95.0, 110.0, 200.0, 800.0, 1000.0], dtype=dtype)[:, None]  # the argmax, not kept
+    tokens = torch.tensor([10, 11, 12, 13, 10, 0])                                         # the last one outside
+    g = torch.randn(N, generator=torch.Generator().manual_seed(43), dtype=torch.float64)
+    outs = []
+    for fn, given in ((dvp.pruned_logprobs_plain, keep), (dvp.pruned_logprobs, keep if form == "bool" else
+                                                          to_csr(keep))):
+        x = z.clone().requires_grad_()
+        out = fn(x, tokens, 0.0, keep=given)
+        (out.logp * g.to(dtype)).sum().backward()
+        outs.append((out, x.grad))
+    (plain, g_plain), (fast, g_fast) = outs
+    assert torch.isfinite(fast.logp).all() and torch.isfinite(g_fast).all()
+    assert torch.equal(fast.in_set, plain.in_set) and torch.equal(fast.in_set, torch.arange(N) < 5)
+    torch.testing.assert_close(fast.logp, plain.logp, **TOL[dtype])
+    torch.testing.assert_close(fast.pruned_mass, torch.ones(N, dtype=dtype), rtol=0, atol=0)
+    torch.testing.assert_close(fast.pruned_mass, plain.pruned_mass, rtol=0, atol=0)
+    torch.testing.assert_close(g_fast, g_plain, **TOL[dtype])
+    # no gradient outside the kept set but for the out-of-set token's own z_a (logp = z_a - lse_S)
+    assert (g_fast[:5, :10] == 0).all() and (g_fast[:, 14:] == 0).all() and (g_fast[5, 1:10] == 0).all()
+
+
+def test_a_kept_set_of_masked_tokens_has_no_mass_and_is_rejected():
+    z = rand_logits(3, 20, seed=44, dtype=torch.float32)
+    z[1, :5] = -math.inf
+    keep = torch.zeros(3, 20, dtype=torch.bool)
+    keep[:, :5] = True
+    for given in (keep, to_csr(keep)):
+        with pytest.raises(ValueError, match="no probability mass"):
+            dvp.pruned_logprobs(z, torch.zeros(3, dtype=torch.long), 0.0, keep=given)
+
+
 def test_bad_kept_sets_are_rejected():
     z, tokens = rand_logits(4, 10, seed=12), torch.zeros(4, dtype=torch.long)
     keep = torch.ones(4, 10, dtype=torch.bool)
