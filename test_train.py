@@ -278,6 +278,145 @@ def test_bf16_trainer_is_close_to_fp32_and_steps_float32_master_weights(tiny_mod
         assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().bfloat16())
 
 
+# --- phases 4 and 5 of train.py, without the engine ------------------------------------------------
+
+PROMPTS = [[1, 5, 9, 33], [7, 8], [3, 4, 5]]
+COMPLETIONS = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24], [25]]     # G = 2 per prompt
+
+
+def greedy_with_strays(model, G):
+    """COMPLETIONS' lengths, each token the model's argmax (in the safe set) but every third one,
+    which is a fixed token id (mostly outside it)."""
+    out = []
+    for i, c in enumerate(COMPLETIONS):
+        ids = list(PROMPTS[i // G])
+        for t in range(len(c)):
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(c[t] if t % 3 == 2 or i % 2 else nxt)   # odd completions: the fixed ids throughout
+        out.append(ids[len(PROMPTS[i // G]):])
+    return out
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "mis", "geo"])
+def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_batch(tiny_model, correction):
+    """train.policy_gradient (phase 4) over micro-batches of whole groups gives the gradient of one
+    loss over the whole batch: sum over real, in-set tokens of w A log pi_S, divided by every real
+    completion token (out-of-set ones included), w the correction's weight; out-of-set tokens
+    leave the loss. The reference is written out from full-sequence logits."""
+    import train
+    from transformers import AutoModelForCausalLM
+    min_p, temp, G = 0.05, 0.7, 2
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    COMPLETIONS = greedy_with_strays(ref_model, G)
+    B, T = len(COMPLETIONS), max(map(len, COMPLETIONS))
+    logp, in_set = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.bool)
+    completion_mask = torch.zeros(B, T, dtype=torch.bool)
+    rows = []
+    for i, c in enumerate(COMPLETIONS):
+        p = PROMPTS[i // G]
+        z = ref_model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)] / temp
+        z, c = z.double(), torch.tensor(c)
+        S = z.softmax(-1) >= min_p * z.softmax(-1).amax(-1, keepdim=True)             # safe set, by probabilities
+        lp = z.gather(-1, c[:, None]).squeeze(-1) - z.masked_fill(~S, -math.inf).logsumexp(-1)   # log pi_S
+        inside = S.gather(-1, c[:, None]).squeeze(-1)
+        rows.append(lp)
+        in_set[i, :len(c)], completion_mask[i, :len(c)] = inside, True
+    logp = torch.stack([torch.cat([r, r.new_zeros(T - len(r))]) for r in rows])        # (B, T), differentiable
+    offsets = torch.tensor([0.0, 0.3, 0.3, -0.6, 0.05, 0.0], dtype=torch.float64)      # log mu - log pi per sequence
+    engine_logp = torch.where(completion_mask, logp.detach() + offsets[:, None], 0.0).float()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    loss_mask = completion_mask & in_set
+    assert loss_mask.any() and (completion_mask & ~in_set).any(), "the batch should hold out-of-set tokens"
+    w = {"none": torch.ones(B, T, dtype=torch.float64),
+         "tis": torch.exp(logp.detach() - engine_logp).clamp(max=2.0),
+         "mis": dvp.mis_mask(logp, engine_logp, loss_mask).double()[:, None].expand(B, T),
+         "geo": dvp.geo_mask(logp, engine_logp, loss_mask, *train.GEO_INTERVAL).double()[:, None].expand(B, T),
+         }[correction]
+    if correction in ("mis", "geo"):
+        assert 0 < int((w[:, 0] == 0).sum()) < B, "the test should drop some sequences and keep others"
+    loss = -(advantages[:, None] * w * logp)[loss_mask].sum() / completion_mask.sum()
+    loss.backward()
+    rollouts = [train.Rollout(PROMPTS[i // G], c, engine_logp[i, :len(c)].tolist(), "")
+                for i, c in enumerate(COMPLETIONS)]
+    for micro_batch in (2, 4, 6):                           # 3, 2 and 1 micro-batches (2, 2 + 1, 3 groups)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        args = train.Args(group_size=G, micro_batch=micro_batch, min_p=min_p, temperature=temp, correction=correction)
+        loss_sum, log = train.policy_gradient(model, model, rollouts, advantages, completion_mask,
+                                              engine_logp, args)
+        assert log.error is None and log.done.all()
+        assert loss_sum == pytest.approx(loss.item(), rel=1e-4, abs=1e-7)
+        assert log.rejected == int((w[:, 0] == 0).sum())
+        assert torch.equal(log.lp.in_set, in_set)
+        for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+            scale = float(b.grad.abs().max())             # float32 model vs float64 softmax: ~1e-4 of the largest
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * scale,
+                                       msg=lambda m: f"{name}, micro-batch {micro_batch}: {m}")
+
+
+def test_policy_gradient_reports_non_finite_activations_and_the_step_is_skipped(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = math.nan
+    rollouts = [train.Rollout(PROMPTS[i // 2], c, [0.0] * len(c), "") for i, c in enumerate(COMPLETIONS)]
+    completion_mask, engine_logp = train.pad_rollouts(rollouts, "cpu")
+    loss, log = train.policy_gradient(model, model, rollouts, torch.ones(6), completion_mask, engine_logp,
+                                      train.Args(group_size=2, micro_batch=2))
+    assert math.isnan(loss) and "NaN or inf" in log.error and not log.done.any()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    assert train.optimizer_step(model, model, optimizer, loss, 1.0)[1], "a NaN loss skips the step"
+    assert all(torch.equal(p.nan_to_num(), q.nan_to_num()) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_optimizer_step_clips_steps_refreshes_the_copy_and_skips_non_finite_steps():
+    """train.optimizer_step (phase 5): the gradient norm is clipped to max_grad_norm (the norm before
+    clipping is returned), the float32 master steps and the bf16 compute copy follows; a non-finite
+    loss or gradient norm leaves both untouched and clears the gradient."""
+    import copy
+    import train
+    torch.manual_seed(0)
+    for norm, max_norm in ((5.0, 1.0), (0.5, 1.0)):                       # clipped, and not clipped
+        master = torch.nn.Linear(4, 3)
+        low = copy.deepcopy(master).bfloat16()
+        for p in master.parameters():
+            p.grad = torch.randn_like(p)
+        total = torch.sqrt(sum((p.grad ** 2).sum() for p in master.parameters()))
+        for p in master.parameters():
+            p.grad.mul_(norm / total)
+        before = [(p.detach().clone(), p.grad.clone()) for p in master.parameters()]
+        grad_norm, skipped = train.optimizer_step(master, low, torch.optim.SGD(master.parameters(), lr=1.0), 0.3,
+                                                  max_norm)
+        assert not skipped and grad_norm == pytest.approx(norm, rel=1e-5)
+        for p, q, (p0, g0) in zip(master.parameters(), low.parameters(), before):
+            torch.testing.assert_close(p.detach(), p0 - g0 * min(1.0, max_norm / norm), rtol=1e-5, atol=1e-6)
+            assert q.dtype == torch.bfloat16 and torch.equal(q.detach(), p.detach().bfloat16())
+    for loss, bad_grad in ((math.nan, 1.0), (math.inf, 1.0), (0.3, math.inf), (0.3, math.nan)):
+        master = torch.nn.Linear(4, 3)
+        low = copy.deepcopy(master).bfloat16()
+        for p in master.parameters():
+            p.grad = torch.ones_like(p)
+        master.weight.grad[0, 0] = bad_grad
+        before = [p.detach().clone() for p in list(master.parameters()) + list(low.parameters())]
+        grad_norm, skipped = train.optimizer_step(master, low, torch.optim.SGD(master.parameters(), lr=1.0), loss, 1.0)
+        assert skipped, f"loss {loss}, a gradient entry {bad_grad}: the step must be skipped"
+        assert all(p.grad is None for p in master.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(before, list(master.parameters()) + list(low.parameters())))
+
+
+def test_micro_batches_hold_whole_groups_and_cover_the_batch():
+    import train
+    for n, G, micro in ((12, 4, 6), (12, 4, 8), (12, 4, 2), (12, 4, 100), (6, 2, 2)):
+        parts = train.micro_batches(n, G, micro)
+        covered = [i for s in parts for i in range(n)[s]]
+        assert covered == list(range(n))
+        assert all((s.start % G == 0) and (len(range(n)[s]) % G == 0) for s in parts)
+        assert all(len(range(n)[s]) <= max(micro, G) for s in parts)
+
+
 def read_jsonl(path):
     import json
     return [json.loads(line) for line in Path(path).read_text().splitlines()]

@@ -169,29 +169,13 @@ def main(args: Args):
         # 3) group-normalised advantages
         advantages = dvp.grpo_advantages(rewards, G).to(run.device)
 
-        # 4) DVP: log pi_S over the trainer's own safe set, masked loss, backward per micro-batch
+        # 4) DVP: log pi_S over the trainer's own safe set, masked loss, backward (policy_gradient)
         t0 = time.time()
         completion_mask, engine_logp = pad_rollouts(rollouts, run.device)        # (B, T): real tokens, log mu_S
-        num_tokens = completion_mask.sum()        # the loss denominator (dvp.grpo_loss explains the choice)
-        log, loss_sum = StepLog(completion_mask.shape), 0.0                  # what phase 7 reports
-        compute_model.train()
         optimizer.zero_grad(set_to_none=True)
-        for s in micro_batches(len(rollouts), G, args.micro_batch):
-            try:
-                lp, set_size = trainer_logprobs(compute_model, [r.prompt_ids for r in rollouts[s][::G]],
-                                                [r.completion_ids for r in rollouts[s]], G, args.min_p,
-                                                args.temperature, width=completion_mask.shape[1])   # (mb, T) each
-            except FloatingPointError as e:       # non-finite activations: skip the step (phase 5), do not crash
-                tqdm.write(f"step {step}: {e}")
-                loss_sum = math.nan
-                break
-            loss_mask = completion_mask[s] & lp.in_set            # out-of-set tokens (pi_S = 0) leave the loss
-            weights, dropped = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
-            loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
-            loss.backward()
-            add_grads(model, compute_model)
-            loss_sum += loss.item()
-            log.add(s, lp, set_size, dropped)
+        loss_sum, log = policy_gradient(model, compute_model, rollouts, advantages, completion_mask, engine_logp, args)
+        if log.error:                              # non-finite activations: the step is skipped (phase 5)
+            tqdm.write(f"step {step}: {log.error}")
 
         # 5) optimizer step with gradient clipping; a non-finite loss or gradient skips the step
         grad_norm, skipped = optimizer_step(model, compute_model, optimizer, loss_sum, args.max_grad_norm)
@@ -225,6 +209,32 @@ def main(args: Args):
     summarize(Path(args.out))
 
 
+def policy_gradient(model, compute_model, rollouts, advantages, completion_mask, engine_logp, args: Args):
+    """Phase 4: the gradient of dvp.grpo_loss over the whole batch, one micro-batch of whole groups
+    at a time, added into model's .grad (float32). Returns (loss, StepLog); the loss is NaN when the
+    trainer's activations are not finite (log.error says so; phase 5 then skips the step)."""
+    G = args.group_size
+    num_tokens = completion_mask.sum()            # the loss denominator (dvp.grpo_loss explains the choice)
+    log, loss_sum = StepLog(completion_mask.shape), 0.0
+    compute_model.train()
+    for s in micro_batches(len(rollouts), G, args.micro_batch):
+        try:
+            lp, set_size = trainer_logprobs(compute_model, [r.prompt_ids for r in rollouts[s][::G]],
+                                            [r.completion_ids for r in rollouts[s]], G, args.min_p,
+                                            args.temperature, width=completion_mask.shape[1])   # (mb, T) each
+        except FloatingPointError as e:
+            log.error = str(e)
+            return math.nan, log
+        loss_mask = completion_mask[s] & lp.in_set            # out-of-set tokens (pi_S = 0) leave the loss
+        weights, dropped = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
+        loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
+        loss.backward()
+        add_grads(model, compute_model)
+        loss_sum += loss.item()
+        log.add(s, lp, set_size, dropped)
+    return loss_sum, log
+
+
 class StepLog:
     """What the micro-batches of one step leave for its log (phase 7): log pi_S, in_set and pruned
     mass of every completion token (B, T), the rows done, the safe-set sizes, the sequences dropped."""
@@ -232,6 +242,7 @@ class StepLog:
     def __init__(self, shape):
         self.lp = dvp.PrunedLogProbs(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape))
         self.done, self.set_sizes, self.rejected = torch.zeros(shape[0], dtype=torch.bool), [], 0
+        self.error = None                         # why the step stopped early (non-finite activations)
 
     def add(self, rows, lp, set_size, dropped):
         for whole, part in zip(self.lp, lp):
