@@ -189,10 +189,15 @@ def geo_mask(logp, engine_logp, mask, lo=0.999, hi=1.001):
     empty sequence has statistic 0 and is kept when lo <= 1 <= hi. The default is verl's
     (decoupled_geo_rs), set for completions of thousands of tokens; short completions need a
     wider interval (train.py states its own)."""
+    stat = geo_statistic(logp, engine_logp, mask)
+    return (stat >= math.log(lo)) & (stat <= math.log(hi))
+
+
+def geo_statistic(logp, engine_logp, mask):
+    """geo_mask's statistic, the log of the geometric-mean ratio mu / pi per sequence. (B, T) -> (B,)."""
     mask = as_bool_mask(mask)
     k1 = -(logp.detach() - engine_logp).clamp(-20.0, 20.0)                # log mu - log pi
-    stat = torch.where(mask, k1, 0.0).sum(-1) / (mask.sum(-1) + 1e-8)
-    return (stat >= math.log(lo)) & (stat <= math.log(hi))
+    return torch.where(mask, k1, 0.0).sum(-1) / (mask.sum(-1) + 1e-8)
 
 
 def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, reward_range=1.0):

@@ -499,6 +499,8 @@ def test_geo_mask_is_verls_seq_mean_k1():
         got, ref = dvp.geo_mask(logp, mu, mask, lo, hi), verl_seq_mean_k1(logp, mu, mask.double(), lo, hi)
         assert torch.equal(got, ref), f"{(got != ref).sum()} sequences differ from verl at [{lo}, {hi}]"
         assert got.any() and not got.all(), "the test should keep some sequences and drop others"
+    stat = -torch.clamp(logp - mu, -20.0, 20.0).mul(mask).sum(-1) / (mask.sum(-1) + 1e-8)   # verl's statistic
+    torch.testing.assert_close(dvp.geo_statistic(logp, mu, mask), stat, rtol=1e-12, atol=1e-12)
 
 
 def test_geo_mask_statistic_is_log_mu_minus_log_pi_with_inclusive_ends():

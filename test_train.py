@@ -455,9 +455,10 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     r = run_train("--steps", "3", "--resume", *common, "--lr", "1e-3")     # other settings: refused, nothing written
     assert r.returncode != 0 and "lr" in r.stderr and read_jsonl(out / "metrics.jsonl") == recs
 
-    r = run_train("--steps", "3", "--resume", *common)
+    r = run_train("--steps", "3", "--resume", *common, "--eval-every", "5")     # evaluation is not a training setting
     assert r.returncode == 0, r.stderr[-3000:]
     after = read_jsonl(out / "metrics.jsonl")
+    assert [x["step"] for x in after[len(recs):] if x["kind"] == "eval"] == [3], "the last step is evaluated"
     assert after[:len(recs)] == recs, "resume must keep every earlier record"
     assert after[len(recs)] == {"kind": "resume", "from_step": 2, "time": after[len(recs)]["time"]}
     assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
@@ -484,7 +485,10 @@ def test_fp8_kv_cache_run_with_the_geo_mask_is_recorded_and_quiet(tiny_model, tm
                   "--max-new-tokens", "8", "--eval-size", "4", "--steps", "1", "--min-p", "0", "--correction", "geo",
                   "--engine-kv-dtype", "fp8")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "args.json").read_text())["engine_kv_dtype"] == "fp8"
+    import train
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["engine_kv_dtype"] == "fp8" and saved["engine_dtype"] == "auto"     # and what "auto" became:
+    assert saved["used"] == {"device": "cpu", "engine_dtype": train.engine_dtype(train.Args(), torch.device("cpu"))}
     rec = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train"][0]
     assert 0.0 <= rec["seq_rejected_frac"] <= 1.0 and rec["mismatch_mean"] > 0
     assert " INFO " not in r.stdout + r.stderr, "vLLM's INFO logging should be off by default"
@@ -703,6 +707,18 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     s = evidence.run_summary(evidence.read(tmp_path / "seed1" / "plain" / "metrics.jsonl"))
     assert s["reward_drop"] == pytest.approx(0.6 - 0.5) and s["peak_grad_norm"] == 6.0
     assert s["sampled_acc"] == 0.51 and s["unpruned_acc"] == 0.4 and s["minutes"] == pytest.approx(18 / 60)
+    # the long table: held-out accuracy per evaluation ("-" where none ran), titled as the runs recorded it
+    (tmp_path / "seed0" / "plain" / "args.json").write_text(json.dumps(
+        {"engine_dtype": "auto", "engine_kv_dtype": "fp8", "engine_noise": 0.0, "trainer_dtype": "bfloat16",
+         "used": {"device": "cuda", "engine_dtype": "float16"}}))
+    import argparse
+    here = argparse.Namespace(preset="long", steps=6, eval_every=3, engine_kv_dtype="auto", engine_noise=0.5,
+                              engine_dtype="auto", train_args=[])
+    head, lines, done = evidence.compare_table(here, tmp_path)
+    assert head.startswith("vLLM float16, fp8 KV cache / bfloat16 trainer, SmolLM2-135M-Instruct, arithmetic, 6 steps")
+    assert "| held-out acc step 3 | held-out acc step 6 | held-out best-to-end drop |" in lines[0]
+    assert lines[2].startswith("| plain GRPO | 2 | 0.100 [0.100, 0.100] | - | 0.400 [0.400, 0.400] | 0.000 ")
+    assert lines[3].startswith("| DVP (rho=1e-3) | 1 |") and set(done) == {"plain", "dvp"}
     assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
     m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
     assert (m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3)

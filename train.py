@@ -321,10 +321,10 @@ def run_state(args: Args):
         return metrics, ckpt, None
     saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
     changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v}
-    changed -= {"steps", "resume", "cache_dir", "out"}
+    changed -= {"steps", "resume", "cache_dir", "out", "eval_every", "checkpoint_every"}   # not the training's
     if changed:
         raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} "
-                         "(only --steps may change)")
+                         "(only --steps, --eval-every and --checkpoint-every may change)")
     if ckpt.exists():
         return metrics, ckpt, ckpt
     if has_records:        # stopped before its first checkpoint: start again, its records get superseded
@@ -366,7 +366,8 @@ def open_run(args: Args):
     if args.resume:
         append_jsonl(metrics, {"kind": "resume", "from_step": start, "time": time.time()})
         print(f"Resuming {out} at step {start}; later step records supersede earlier ones.")
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    used = {"device": device.type, "engine_dtype": engine_dtype(args, device)}     # what "auto" became here
+    (out / "args.json").write_text(json.dumps({**dataclasses.asdict(args), "used": used}, indent=1))
 
     compute_model = compute_copy(model, trainer_dtype)
     llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)

@@ -55,13 +55,22 @@ def tag_of(args):
             ("" if dtype == "bfloat16" else f"-{dtype}"))
 
 
-def regime_of(args):
-    """The mismatch regime in words, for titles."""
-    kv = "" if args.engine_kv_dtype == "auto" else f", {args.engine_kv_dtype} KV cache"
-    noise = f", engine noise delta = {args.engine_noise:g}" if args.engine_noise else ""
-    extra = getattr(args, "train_args", [])
-    trainer = extra[extra.index("--trainer-dtype") + 1] if "--trainer-dtype" in extra else "float32"
-    return f"vLLM {dtype_of(args)}{kv}{noise} / {trainer} trainer"
+def regime_of(args, saved=None):
+    """The mismatch regime in words, for titles: as the runs recorded it in their args.json (`saved`)
+    where given, else as these arguments make it on this machine."""
+    saved, extra = saved or {}, getattr(args, "train_args", [])
+    dtype = saved.get("used", {}).get("engine_dtype") or dtype_of(args)   # runs before "used" was recorded: here's
+    kv_dtype, noise = saved.get("engine_kv_dtype", args.engine_kv_dtype), saved.get("engine_noise", args.engine_noise)
+    trainer = saved.get("trainer_dtype") or (extra[extra.index("--trainer-dtype") + 1] if "--trainer-dtype" in extra
+                                              else "float32")
+    kv = "" if kv_dtype == "auto" else f", {kv_dtype} KV cache"
+    return f"vLLM {dtype}{kv}" + (f", engine noise delta = {noise:g}" if noise else "") + f" / {trainer} trainer"
+
+
+def saved_settings(runs):
+    """The settings of the first run in `runs` (its args.json), or {} when there is none."""
+    found = sorted(runs.glob("seed*/*/args.json"))
+    return json.loads(found[0].read_text()) if found else {}
 
 
 def measure(rho, llm, tok, model, prompts, n, max_tokens):
@@ -110,7 +119,7 @@ def mismatch(args):
         # statistic is verl's seq_mean_k1, exp(mean_t log mu - log pi) (dvp.geo_mask), whose quantiles we report
         ok = mask & grid(d["in_set"], False)
         logp, engine = grid(d["logp"].double()), grid(d["engine"].double())
-        geo = (torch.where(ok, engine - logp, 0.0).sum(-1) / ok.sum(-1).clamp_min(1)).exp()
+        geo = dvp.geo_statistic(logp, engine, ok).exp()
         s["geo_q"] = [float(x) for x in
                       torch.quantile(geo, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=geo.dtype))]
         s["geo_rejected"] = float((~dvp.geo_mask(logp, engine, ok, *train.GEO_INTERVAL)).double().mean())
@@ -334,21 +343,9 @@ COLUMNS = [("unpruned_acc", "held-out sampled acc at the end, unpruned sampler",
            ("bias_bound", "mean bias bound", ".3f"), ("rejected", "sequences rejected", ".3f")]
 
 
-def summarize_compare(args):
-    """Table (mean and interval over seeds per arm) and figure (mean line and band per arm) of the
-    runs in runs/compare{tag}/, into figures/compare{tag}.md and .png, under compare's note."""
-    tag = tag_of(args)
-    runs, png, md = (ROOT / "runs" / f"compare{tag}", Path(args.out) / f"compare{tag}.png",
-                     Path(args.out) / f"compare{tag}.md")
-    note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("reward", "train reward (3-step mean)"),
-              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm"),
-              ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
-              ("seq_rejected_frac", "sequences rejected (mis, geo)")]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+def compare_table(args, runs):
+    """The compare table of the runs in `runs` (mean and interval over seeds per arm): (head, markdown
+    lines, {arm: its finished runs' records}). The title takes the regime from the runs' args.json."""
     seeds_done = seeds_on_disk(runs)
     columns = COLUMNS
     if args.preset == "long":   # held-out accuracy at every evaluation, and its largest fall from the best
@@ -357,11 +354,13 @@ def summarize_compare(args):
                    + [("eval_drop", "held-out best-to-end drop", ".3f")] + COLUMNS[2:])
     lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in columns) + " | minutes per run (steps only) |",
              "|---" * (len(columns) + 4) + "|"]
+    done = {}
     for arm, (name, _, _) in ARMS.items():
         runs_arm = [read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done]
         runs_arm = [r for r in runs_arm if finished(r, args.steps)]
         if not runs_arm:
             continue
+        done[arm] = runs_arm
         sums = [run_summary(r) for r in runs_arm]
         for x in sums:
             x.update({f"acc@{k}": v for k, v in x["acc_at"].items()})
@@ -370,6 +369,30 @@ def summarize_compare(args):
         lines.append(f"| {name} | {len(sums)} | {cell('start_acc', '.3f')} | "
                      + " | ".join(cell(k, f) for k, _, f in columns)
                      + f" | {interval([x['minutes'] for x in sums])[0]:.1f} |")
+    head = (f"{regime_of(args, saved_settings(runs))}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 "
+            f"prompts x 8 samples per run, seeds {seeds_done} (the same prompts for every arm of a seed). "
+            "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
+            "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
+    return head, lines, done
+
+
+def summarize_compare(args):
+    """Table (compare_table) and figure (mean line and band per arm) of the runs in
+    runs/compare{tag}/, into figures/compare{tag}.md and .png, under compare's note."""
+    tag = tag_of(args)
+    runs, png, md = (ROOT / "runs" / f"compare{tag}", Path(args.out) / f"compare{tag}.png",
+                     Path(args.out) / f"compare{tag}.md")
+    note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
+    head, lines, done = compare_table(args, runs)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("reward", "train reward (3-step mean)"),
+              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm"),
+              ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
+              ("seq_rejected_frac", "sequences rejected (mis, geo)")]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for arm, runs_arm in done.items():
         for ax, (key, title) in zip(axes.flat, panels):
             src = "eval" if key.endswith("unpruned") else "train"
             per_seed = [train.latest(r, src) for r in runs_arm]
@@ -378,21 +401,19 @@ def summarize_compare(args):
             if key == "reward":
                 ys = [smooth(y) for y in ys]
             stats = [interval(list(col)) for col in zip(*ys)]
-            line, = ax.plot(steps, [m for m, _, _ in stats], label=name, marker="o" if src == "eval" else None, ms=3)
+            line, = ax.plot(steps, [m for m, _, _ in stats], label=ARMS[arm][0], marker="o" if src == "eval" else None,
+                            ms=3)
             ax.fill_between(steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15,
                             color=line.get_color())
             ax.set_title(title, fontsize=10), ax.set_xlabel("step")
     axes.flat[3].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{regime_of(args)}: mean and band (min-max for 3 seeds) over seeds {seeds_done}", fontsize=10)
+    fig.suptitle(f"{head.split(', SmolLM2')[0]}: mean and band (min-max for 3 seeds) over seeds {seeds_on_disk(runs)}",
+                 fontsize=10)
     import textwrap
     fig.text(0.01, 0.005, textwrap.fill(note.replace("`", ""), 230), fontsize=7)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(png, dpi=110)
-    head = (f"{regime_of(args)}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 prompts x 8 samples "
-            f"per run, seeds {seeds_done} (the same prompts for every arm of a seed). "
-            "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
-            "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
     md.write_text("\n".join([head, ""] + lines + ["", note]) + "\n")
     print("\n".join(lines))
     print(f"wrote {png} and {md}")
