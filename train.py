@@ -13,7 +13,7 @@ completion positions and in chunks, and takes one on-policy GRPO step. The gap b
 the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
 
 main() is the loop, in numbered phases: 1 rollout, 2 reward, 3 advantage, 4 DVP log-probs and
-loss, 5 optimizer step, 6 weight sync, 7 log. Every vLLM call is in the "vLLM" section.
+loss (policy_gradient), 5 optimizer step, 6 weight sync, 7 log. Every vLLM call is in the "vLLM" section.
 
 Left out on purpose: KL penalty to a reference model, several updates per batch (dvp.grpo_loss
 supports a clipped ratio for that), multi-GPU, mask replay (dvp.pruned_logprobs(keep=...) does the
@@ -76,7 +76,7 @@ class Args:
     """run folder: metrics.jsonl, checkpoint.pt, args.json."""
     resume: bool = False
     """continue the run in --out from its checkpoint (from step 0 if it has none yet), appending to
-    its metrics.jsonl."""
+    its metrics.jsonl; only --steps, --eval-every and --checkpoint-every may differ from the run's."""
     eval_every: int = 10
     """held-out greedy and sampled accuracy every this many steps (and at the start and the end)."""
     eval_size: int = 64
