@@ -692,7 +692,7 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     sys.path.insert(0, str(HERE / "scripts"))
     import evidence
     rewards = [0.1, 0.2, 0.6, 0.9, 0.3, 0.3]                  # 3-step means from step 3: 0.3, 0.567, 0.6, 0.5
-    for seed, arm in [(0, "plain"), (1, "plain"), (12, "dvp")]:
+    for seed, arm in [(0, "plain"), (1, "plain"), (12, "dvp"), (1, "dvp")]:
         d = tmp_path / f"seed{seed}" / arm
         d.mkdir(parents=True)
         recs = [{"kind": "eval", "step": 0, "sampled_acc": 0.1, "greedy_acc": 0.2}]
@@ -701,7 +701,7 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
                   "time_sync": 0.0}
                  for i, r in enumerate(rewards)]
         recs += [{"kind": "eval", "step": 6, "sampled_acc": 0.5 + seed / 100, "greedy_acc": 0.6,
-                  "sampled_acc_unpruned": 0.4}]
+                  "sampled_acc_unpruned": 0.55 if (seed, arm) == (1, "dvp") else 0.4}]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert evidence.seeds_on_disk(tmp_path) == [0, 1, 12]
     s = evidence.run_summary(evidence.read(tmp_path / "seed1" / "plain" / "metrics.jsonl"))
@@ -718,7 +718,9 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     assert head.startswith("vLLM float16, fp8 KV cache / bfloat16 trainer, SmolLM2-135M-Instruct, arithmetic, 6 steps")
     assert "| held-out acc step 3 | held-out acc step 6 | held-out best-to-end drop |" in lines[0]
     assert lines[2].startswith("| plain GRPO | 2 | 0.100 [0.100, 0.100] | - | 0.400 [0.400, 0.400] | 0.000 ")
-    assert lines[3].startswith("| DVP (rho=1e-3) | 1 |") and set(done) == {"plain", "dvp"}
+    assert lines[3].startswith("| DVP (rho=1e-3) | 2 | 0.100 [0.100, 0.100] | - | 0.475 [0.400, 0.550] |")
+    assert set(done) == {"plain", "dvp"} and set(done["dvp"]) == {1, 12}
+    assert lines[-1] == "- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)"
     assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
     m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
     assert (m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3)

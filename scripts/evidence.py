@@ -356,11 +356,12 @@ def compare_table(args, runs):
              "|---" * (len(columns) + 4) + "|"]
     done = {}
     for arm, (name, _, _) in ARMS.items():
-        runs_arm = [read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done]
-        runs_arm = [r for r in runs_arm if finished(r, args.steps)]
-        if not runs_arm:
+        by_seed = {s: read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done}
+        by_seed = {s: r for s, r in by_seed.items() if finished(r, args.steps)}
+        if not by_seed:
             continue
-        done[arm] = runs_arm
+        done[arm] = by_seed
+        runs_arm = list(by_seed.values())
         sums = [run_summary(r) for r in runs_arm]
         for x in sums:
             x.update({f"acc@{k}": v for k, v in x["acc_at"].items()})
@@ -373,7 +374,22 @@ def compare_table(args, runs):
             f"prompts x 8 samples per run, seeds {seeds_done} (the same prompts for every arm of a seed). "
             "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
             "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
-    return head, lines, done
+    return head, lines + paired_differences(done), done
+
+
+def paired_differences(done):
+    """Lines of the end accuracy (held-out, unpruned sampler) of each arm minus that of plain GRPO
+    and of the geo mask, seed by seed (the same prompts): the comparison that decides separation."""
+    out = []
+    for base in ("plain", "geo"):
+        for arm in (a for a in done if a != base and base in done):
+            seeds = sorted(set(done[arm]) & set(done[base]))
+            if not seeds:
+                continue
+            d = [run_summary(done[arm][s])["unpruned_acc"] - run_summary(done[base][s])["unpruned_acc"] for s in seeds]
+            out.append(f"- {ARMS[arm][0]} minus {ARMS[base][0]}, end accuracy, seeds {seeds}: "
+                       + ", ".join(f"{x:+.3f}" for x in d) + f" (mean {sum(d) / len(d):+.3f})")
+    return ["", "Paired differences (same seed, same prompts):"] + out if out else []
 
 
 def summarize_compare(args):
@@ -392,7 +408,8 @@ def summarize_compare(args):
               ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
               ("seq_rejected_frac", "sequences rejected (mis, geo)")]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    for arm, runs_arm in done.items():
+    for arm, by_seed in done.items():
+        runs_arm = list(by_seed.values())
         for ax, (key, title) in zip(axes.flat, panels):
             src = "eval" if key.endswith("unpruned") else "train"
             per_seed = [train.latest(r, src) for r in runs_arm]
