@@ -403,10 +403,12 @@ def summarize_compare(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("reward", "train reward (3-step mean)"),
-              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm"),
-              ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
-              ("seq_rejected_frac", "sequences rejected (mis, geo)")]
+    k = 5 if args.preset == "long" else 1      # 80 noisy steps: every train-side panel as a trailing 5-step mean
+    per = f" ({k}-step mean)" if k > 1 else ""
+    panels = [("reward", f"train reward ({max(k, 3)}-step mean)"),
+              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm" + per),
+              ("kl_k3", "K3 KL(mu || pi)" + per), ("bias_bound", "bias bound per sequence" + per),
+              ("seq_rejected_frac", "sequences rejected (mis, geo)" + per)]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for arm, by_seed in done.items():
         runs_arm = list(by_seed.values())
@@ -415,8 +417,8 @@ def summarize_compare(args):
             per_seed = [train.latest(r, src) for r in runs_arm]
             steps = sorted(set.intersection(*[{x["step"] for x in recs} for recs in per_seed]))
             ys = [[x.get(key, x.get("sampled_acc", 0.0)) for x in recs if x["step"] in steps] for recs in per_seed]
-            if key == "reward":
-                ys = [smooth(y) for y in ys]
+            if src == "train":
+                ys = [smooth(y, max(k, 3) if key == "reward" else k) for y in ys]
             stats = [interval(list(col)) for col in zip(*ys)]
             line, = ax.plot(steps, [m for m, _, _ in stats], label=ARMS[arm][0], marker="o" if src == "eval" else None,
                             ms=3)
@@ -425,8 +427,9 @@ def summarize_compare(args):
             ax.set_title(title, fontsize=10), ax.set_xlabel("step")
     axes.flat[3].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{head.split(', SmolLM2')[0]}: mean and band (min-max for 3 seeds) over seeds {seeds_on_disk(runs)}",
-                 fontsize=10)
+    seeds = sorted(set().union(*done.values())) if done else []
+    fig.suptitle(f"{head.split(', SmolLM2')[0]}: mean and band (min-max up to 3 seeds, else 95 % t interval) over "
+                 f"seeds {seeds}, finished runs", fontsize=10)
     import textwrap
     fig.text(0.01, 0.005, textwrap.fill(note.replace("`", ""), 230), fontsize=7)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
