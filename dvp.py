@@ -254,8 +254,9 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
 def pruned_logprobs(logits, tokens, min_p, *, keep=None):
     """Equals pruned_logprobs_plain(logits, tokens, min_p, keep=keep): log pi_S(token) over the
     trainer's safe set, with the same values, in_set, pruned_mass and gradient (test_dvp.py), at
-    the cost of a plain log_softmax and without (N, V) temporaries. It also takes keep as vLLM's CSR
-    pair, and rejects NaN and +inf logits (-inf, a masked token, is fine) and kept sets without mass.
+    the cost of a plain log_softmax (replay: a few more passes) and without (N, V) temporaries. It
+    takes keep as vLLM's CSR pair, and rejects NaN and +inf logits (-inf, a masked token, is fine)
+    and kept sets without mass.
 
     logits (..., V) float32/bfloat16/float16/float64 (computed in float32, float64 stays float64),
     tokens (...) integer. Returns PrunedLogProbs(logp, in_set, pruned_mass), each shaped like
@@ -370,7 +371,7 @@ def _forward_blocks(logit_block, N, V, tokens, min_p, rows, keep_rows, cd, devic
     logp, in_set, pruned, m, s_S, finite = (torch.cat(x) for x in zip(*outs))
     if not bool(finite.all()):
         raise ValueError("logits contain NaN or +inf, or a row that is all -inf")
-    if not bool((s_S > 0).all()):
+    if not bool((s_S > 0).all()):                     # also NaN: a kept set of -inf logits
         raise ValueError("keep: at some position the kept tokens have no probability mass under these logits")
     return logp, in_set, pruned, m, s_S
 
@@ -382,9 +383,8 @@ def _row_stats(z, tokens, min_p, keep, buf):
     m = z.amax(-1)                                       # (R,)
     finite = ~torch.isnan(z.sum(-1)) & torch.isfinite(m)  # no NaN or +inf; -inf (a masked token) is fine
     if keep is not None:   # replay: shift by the kept set's own max, which may lie far below max z
-        m_S = torch.where(keep, z, z.new_tensor(-math.inf), out=buf).amax(-1)
-        m = torch.where(torch.isfinite(m_S), m_S, m)     # a set without mass keeps max z: s_S = 0 (an error)
-    e = _shifted_exp_(z, m, keep, buf)                   # (R, V), values in [0, 1] inside S
+        m = torch.where(keep, z, z.new_full((), -math.inf), out=buf).amax(-1)   # a set without mass: -inf,
+    e = _shifted_exp_(z, m, keep, buf)                   # (R, V), values in [0, 1] inside S (there: s_S NaN)
     s_all = e.sum(-1)
     in_set = (keep.gather(-1, tokens[:, None]) if keep is not None
               else e.gather(-1, tokens[:, None]) > _below(min_p, e.dtype)).squeeze(-1)   # safe_mask's rule
@@ -404,7 +404,7 @@ def _row_grad(z, tokens, m, s_S, min_p, g, keep, buf):
 
 def _shifted_exp_(z, m, keep, buf):
     """exp(z - m) into buf. Under replay, tokens outside the kept set may lie above m (its max):
-    their shift is capped at 60, so nothing overflows; the pruned mass, >= 1 - e^-60, is then 1."""
+    their shift is capped at 60, so nothing overflows; the pruned mass, >= 1 - |S| e^-60, is then 1."""
     e = torch.sub(z, m[:, None], out=buf)
     return (e if keep is None else e.clamp_(max=60.0)).exp_()
 

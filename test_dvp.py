@@ -632,8 +632,9 @@ def test_replaying_the_min_p_set_equals_the_min_p_rule():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_replay_of_a_kept_set_far_below_the_argmax_equals_the_plain_definition(dtype, form):
     """A replayed set whose logits lie 60-1000 nats below the trainer's argmax (stale weights, a
-    bad engine): exp(z - max z) would underflow there (float32 below ~-87, float64 ~-745); the fast path shifts by
-    the kept set's own max and equals the plain definition, with a pruned mass of 1."""
+    bad engine): exp(z - max z) would underflow there (float32: subnormal below ~-87, 0 below ~-104;
+    float64: 0 below ~-745); the fast path shifts by the kept set's own max and equals the plain
+    definition, with a pruned mass of 1."""
     N, V = 6, 50
     z = rand_logits(N, V, seed=42, dtype=dtype)
     keep = torch.zeros(N, V, dtype=torch.bool)

@@ -323,13 +323,13 @@ def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_
         rows.append(lp)
         in_set[i, :len(c)], completion_mask[i, :len(c)] = inside, True
     logp = torch.stack([torch.cat([r, r.new_zeros(T - len(r))]) for r in rows])        # (B, T), differentiable
-    offsets = torch.tensor([0.0, 0.3, 0.3, -0.6, 0.05, 0.0], dtype=torch.float64)      # log mu - log pi per sequence
+    offsets = torch.tensor([0.0, 0.3, 0.3, -0.8, 0.05, 0.0], dtype=torch.float64)      # log mu - log pi per sequence
     engine_logp = torch.where(completion_mask, logp.detach() + offsets[:, None], 0.0).float()
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     loss_mask = completion_mask & in_set
     assert loss_mask.any() and (completion_mask & ~in_set).any(), "the batch should hold out-of-set tokens"
     w = {"none": torch.ones(B, T, dtype=torch.float64),
-         "tis": torch.exp(logp.detach() - engine_logp).clamp(max=2.0),
+         "tis": torch.exp(logp.detach() - engine_logp).clamp(max=2.0),                   # exp(0.8) > 2: capped
          "mis": dvp.mis_mask(logp, engine_logp, loss_mask).double()[:, None].expand(B, T),
          "geo": dvp.geo_mask(logp, engine_logp, loss_mask, *train.GEO_INTERVAL).double()[:, None].expand(B, T),
          }[correction]
@@ -352,6 +352,17 @@ def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_
             scale = float(b.grad.abs().max())             # float32 model vs float64 softmax: ~1e-4 of the largest
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * scale,
                                        msg=lambda m: f"{name}, micro-batch {micro_batch}: {m}")
+    # the bf16 trainer: the copy's gradients end up in the float32 master weights (train.add_grads), and not
+    # in the copy; bf16 keeps ~3 significant digits: compare the direction of the whole gradient (cosine 0.99 here)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    low = train.compute_copy(model, torch.bfloat16)
+    args = train.Args(group_size=G, micro_batch=2, min_p=min_p, temperature=temp, correction=correction)
+    train.policy_gradient(model, low, rollouts, advantages, completion_mask, engine_logp, args)
+    assert all(q.grad is None for q in low.parameters())
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    want = torch.cat([p.grad.flatten() for p in ref_model.parameters()]).float()
+    cos = float(got @ want / (got.norm() * want.norm()))
+    assert got.dtype == torch.float32 and cos > 0.97, f"cosine {cos:.3f} between the bf16 and the float64 gradient"
 
 
 def test_policy_gradient_reports_non_finite_activations_and_the_step_is_skipped(tiny_model):
@@ -366,6 +377,8 @@ def test_policy_gradient_reports_non_finite_activations_and_the_step_is_skipped(
                                       train.Args(group_size=2, micro_batch=2))
     assert math.isnan(loss) and "NaN or inf" in log.error and not log.done.any()
     before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)                      # as if an earlier micro-batch had left some
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     assert train.optimizer_step(model, model, optimizer, loss, 1.0)[1], "a NaN loss skips the step"
     assert all(torch.equal(p.nan_to_num(), q.nan_to_num()) for p, q in zip(model.parameters(), before))
@@ -460,7 +473,8 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     after = read_jsonl(out / "metrics.jsonl")
     assert [x["step"] for x in after[len(recs):] if x["kind"] == "eval"] == [3], "the last step is evaluated"
     assert after[:len(recs)] == recs, "resume must keep every earlier record"
-    assert after[len(recs)] == {"kind": "resume", "from_step": 2, "time": after[len(recs)]["time"]}
+    assert after[len(recs)] == {"kind": "resume", "from_step": 2, "used": after[len(recs)]["used"],
+                                "time": after[len(recs)]["time"]} and after[len(recs)]["used"]["device"] == "cpu"
     assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
     ck = torch.load(out / "checkpoint.pt", weights_only=True)           # loads without running pickled code
     assert ck["step"] == 3
@@ -721,6 +735,9 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     assert lines[3].startswith("| DVP (rho=1e-3) | 2 | 0.100 [0.100, 0.100] | - | 0.475 [0.400, 0.550] |")
     assert set(done) == {"plain", "dvp"} and set(done["dvp"]) == {1, 12}
     assert lines[-1] == "- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)"
+    (tmp_path / "seed1" / "plain" / "args.json").write_text(json.dumps({"trainer_dtype": "float32"}))
+    with pytest.raises(SystemExit, match="trainer_dtype"):                       # one table per regime
+        evidence.compare_table(here, tmp_path)
     assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
     m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
     assert (m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3)

@@ -174,7 +174,7 @@ def main(args: Args):
         completion_mask, engine_logp = pad_rollouts(rollouts, run.device)        # (B, T): real tokens, log mu_S
         optimizer.zero_grad(set_to_none=True)
         loss_sum, log = policy_gradient(model, compute_model, rollouts, advantages, completion_mask, engine_logp, args)
-        if log.error:                              # non-finite activations: the step is skipped (phase 5)
+        if log.error is not None:                  # non-finite activations: the step is skipped (phase 5)
             tqdm.write(f"step {step}: {log.error}")
 
         # 5) optimizer step with gradient clipping; a non-finite loss or gradient skips the step
@@ -328,7 +328,8 @@ def run_state(args: Args):
     if ckpt.exists():
         return metrics, ckpt, ckpt
     if has_records:        # stopped before its first checkpoint: start again, its records get superseded
-        print(f"--resume: {out} has no checkpoint yet (the run stopped before step {args.checkpoint_every}): "
+        print(f"--resume: {out} has no checkpoint yet (the run stopped before step "
+              f"{saved.get('checkpoint_every', args.checkpoint_every)}): "
               "starting from step 0; its earlier records stay in metrics.jsonl, later ones supersede them")
         return metrics, ckpt, None
     raise SystemExit(f"--resume: nothing to resume in {out} (no checkpoint, no records): run without --resume")
@@ -363,10 +364,10 @@ def open_run(args: Args):
             print(f"{resume_from} is at step {start}, --steps is {args.steps}: nothing to do")
             return None
         rng.setstate(_as_random_state(ck["rng"])), torch.set_rng_state(ck["torch_rng"].cpu())
-    if args.resume:
-        append_jsonl(metrics, {"kind": "resume", "from_step": start, "time": time.time()})
-        print(f"Resuming {out} at step {start}; later step records supersede earlier ones.")
     used = {"device": device.type, "engine_dtype": engine_dtype(args, device)}     # what "auto" became here
+    if args.resume:        # args.json keeps the last part's `used`; each resume record keeps its own
+        append_jsonl(metrics, {"kind": "resume", "from_step": start, "used": used, "time": time.time()})
+        print(f"Resuming {out} at step {start}; later step records supersede earlier ones.")
     (out / "args.json").write_text(json.dumps({**dataclasses.asdict(args), "used": used}, indent=1))
 
     compute_model = compute_copy(model, trainer_dtype)

@@ -59,7 +59,8 @@ def regime_of(args, saved=None):
     """The mismatch regime in words, for titles: as the runs recorded it in their args.json (`saved`)
     where given, else as these arguments make it on this machine."""
     saved, extra = saved or {}, getattr(args, "train_args", [])
-    dtype = saved.get("used", {}).get("engine_dtype") or dtype_of(args)   # runs before "used" was recorded: here's
+    dtype = (saved.get("used", {}).get("engine_dtype")                     # runs before "used" was recorded:
+             or (saved["engine_dtype"] if saved.get("engine_dtype", "auto") != "auto" else dtype_of(args)))  # here's
     kv_dtype, noise = saved.get("engine_kv_dtype", args.engine_kv_dtype), saved.get("engine_noise", args.engine_noise)
     trainer = saved.get("trainer_dtype") or (extra[extra.index("--trainer-dtype") + 1] if "--trainer-dtype" in extra
                                               else "float32")
@@ -68,9 +69,14 @@ def regime_of(args, saved=None):
 
 
 def saved_settings(runs):
-    """The settings of the first run in `runs` (its args.json), or {} when there is none."""
-    found = sorted(runs.glob("seed*/*/args.json"))
-    return json.loads(found[0].read_text()) if found else {}
+    """The settings the runs in `runs` share (their args.json), or {} when there is none. Runs that
+    differ in what the title names raise: a table must not mix regimes."""
+    found = [json.loads(p.read_text()) for p in sorted(runs.glob("seed*/*/args.json"))]
+    keys = ("engine_kv_dtype", "engine_noise", "trainer_dtype", "used")
+    mixed = [k for k in keys if len({json.dumps(x[k]) for x in found if k in x}) > 1]   # older runs lack "used"
+    if mixed:
+        raise SystemExit(f"{runs}: the runs differ in {mixed} (see their args.json); one table per regime")
+    return found[0] if found else {}
 
 
 def measure(rho, llm, tok, model, prompts, n, max_tokens):
@@ -371,7 +377,8 @@ def compare_table(args, runs):
                      + " | ".join(cell(k, f) for k, _, f in columns)
                      + f" | {interval([x['minutes'] for x in sums])[0]:.1f} |")
     head = (f"{regime_of(args, saved_settings(runs))}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 "
-            f"prompts x 8 samples per run, seeds {seeds_done} (the same prompts for every arm of a seed). "
+            f"prompts x 8 samples per run, seeds {sorted(set().union(*done.values()))} (finished runs; the same "
+            "prompts for every arm of a seed). "
             "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
             "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
     return head, lines + paired_differences(done), done
@@ -382,7 +389,7 @@ def paired_differences(done):
     and of the geo mask, seed by seed (the same prompts): the comparison that decides separation."""
     out = []
     for base in ("plain", "geo"):
-        for arm in (a for a in done if a != base and base in done):
+        for arm in (a for a in done if a not in (base, "plain") and base in done):   # plain - geo: see geo - plain
             seeds = sorted(set(done[arm]) & set(done[base]))
             if not seeds:
                 continue
@@ -428,8 +435,8 @@ def summarize_compare(args):
     axes.flat[3].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
     seeds = sorted(set().union(*done.values())) if done else []
-    fig.suptitle(f"{head.split(', SmolLM2')[0]}: mean and band (min-max up to 3 seeds, else 95 % t interval) over "
-                 f"seeds {seeds}, finished runs", fontsize=10)
+    fig.suptitle(f"{regime_of(args, saved_settings(runs))}: mean and band (min-max up to 3 seeds, else 95 % t "
+                 f"interval) over seeds {seeds}, finished runs", fontsize=10)
     import textwrap
     fig.text(0.01, 0.005, textwrap.fill(note.replace("`", ""), 230), fontsize=7)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
