@@ -189,10 +189,15 @@ def geo_mask(logp, engine_logp, mask, lo=0.999, hi=1.001):
     empty sequence has statistic 0 and is kept when lo <= 1 <= hi. The default is verl's
     (decoupled_geo_rs), set for completions of thousands of tokens; short completions need a
     wider interval (train.py states its own)."""
+    stat = geo_statistic(logp, engine_logp, mask)
+    return (stat >= math.log(lo)) & (stat <= math.log(hi))
+
+
+def geo_statistic(logp, engine_logp, mask):
+    """geo_mask's statistic, the log of the geometric-mean ratio mu / pi per sequence. (B, T) -> (B,)."""
     mask = as_bool_mask(mask)
     k1 = -(logp.detach() - engine_logp).clamp(-20.0, 20.0)                # log mu - log pi
-    stat = torch.where(mask, k1, 0.0).sum(-1) / (mask.sum(-1) + 1e-8)
-    return (stat >= math.log(lo)) & (stat <= math.log(hi))
+    return torch.where(mask, k1, 0.0).sum(-1) / (mask.sum(-1) + 1e-8)
 
 
 def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, reward_range=1.0):
@@ -237,10 +242,11 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
 # =============================================================================================
 # 3. The fast path: the same log-probs in row blocks, and mask replay
 #
-# Per block of rows, e = exp(z - max z) is written into one reused buffer, zeroed outside S in
-# place and summed, with a hand-written backward, so the cost stays that of a plain log_softmax
-# (`make bench` measures it) and nothing of size (N, V) is allocated or saved beyond the logits.
-#   forward:   logp_a = z_a - lse_S,   lse_S = m + log s_S,   s_S = sum_{b in S} e_b,   m = max z
+# Per block of rows, e = exp(z - m), m the largest logit in S, is written into one reused
+# buffer, zeroed outside S in place and summed, with a hand-written backward, so the cost stays
+# that of a plain log_softmax (`make bench` measures it) and nothing of size (N, V) is allocated
+# or saved beyond the logits.
+#   forward:   logp_a = z_a - lse_S,   lse_S = m + log s_S,   s_S = sum_{b in S} e_b,   m = max_S z
 #   backward:  d logp_a / d z = onehot(a) - pi_S,   pi_S = e * 1[S] / s_S
 # Rows are processed in blocks small enough to stay in cache (CPU) or big enough to fill the
 # device (GPU); the result does not depend on the block size.
@@ -248,8 +254,9 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
 def pruned_logprobs(logits, tokens, min_p, *, keep=None):
     """Equals pruned_logprobs_plain(logits, tokens, min_p, keep=keep): log pi_S(token) over the
     trainer's safe set, with the same values, in_set, pruned_mass and gradient (test_dvp.py), at
-    the cost of a plain log_softmax and without (N, V) temporaries. It also takes keep as vLLM's CSR
-    pair, and rejects NaN and +inf logits (-inf, a masked token, is fine) and kept sets without mass.
+    the cost of a plain log_softmax (replay: a few more passes) and without (N, V) temporaries. It
+    takes keep as vLLM's CSR pair, and rejects NaN and +inf logits (-inf, a masked token, is fine)
+    and kept sets without mass.
 
     logits (..., V) float32/bfloat16/float16/float64 (computed in float32, float64 stays float64),
     tokens (...) integer. Returns PrunedLogProbs(logp, in_set, pruned_mass), each shaped like
@@ -364,17 +371,20 @@ def _forward_blocks(logit_block, N, V, tokens, min_p, rows, keep_rows, cd, devic
     logp, in_set, pruned, m, s_S, finite = (torch.cat(x) for x in zip(*outs))
     if not bool(finite.all()):
         raise ValueError("logits contain NaN or +inf, or a row that is all -inf")
-    if not bool((s_S > 0).all()):
+    if not bool((s_S > 0).all()):                     # also NaN: a kept set of -inf logits
         raise ValueError("keep: at some position the kept tokens have no probability mass under these logits")
     return logp, in_set, pruned, m, s_S
 
 
 def _row_stats(z, tokens, min_p, keep, buf):
     """z (R, V) in float32/64, tokens (R,), keep (R, V) bool or None (the min_p rule), buf (R, V) work
-    memory -> per row: logp, in_set, pruned_mass, m = max z, s_S, and whether every logit is finite."""
+    memory -> per row: logp, in_set, pruned_mass, m = max_S z (= max z under the min_p rule), s_S, and
+    whether every logit is finite."""
     m = z.amax(-1)                                       # (R,)
     finite = ~torch.isnan(z.sum(-1)) & torch.isfinite(m)  # no NaN or +inf; -inf (a masked token) is fine
-    e = torch.sub(z, m[:, None], out=buf).exp_()         # (R, V), values in [0, 1]
+    if keep is not None:   # replay: shift by the kept set's own max, which may lie far below max z
+        m = torch.where(keep, z, z.new_full((), -math.inf), out=buf).amax(-1)   # a set without mass: -inf,
+    e = _shifted_exp_(z, m, keep, buf)                   # (R, V), values in [0, 1] inside S (there: s_S NaN)
     s_all = e.sum(-1)
     in_set = (keep.gather(-1, tokens[:, None]) if keep is not None
               else e.gather(-1, tokens[:, None]) > _below(min_p, e.dtype)).squeeze(-1)   # safe_mask's rule
@@ -386,14 +396,21 @@ def _row_stats(z, tokens, min_p, keep, buf):
 
 def _row_grad(z, tokens, m, s_S, min_p, g, keep, buf):
     """d(sum g * logp)/dz for one block: g * (onehot(tokens) - pi_S), written into buf (R, V)."""
-    grad = _prune_(torch.sub(z, m[:, None], out=buf).exp_(), min_p, keep)   # pi_S * s_S
+    grad = _prune_(_shifted_exp_(z, m, keep, buf), min_p, keep)   # pi_S * s_S
     grad.mul_((-g / s_S)[:, None])
     grad.scatter_add_(-1, tokens[:, None], g[:, None])
     return grad
 
 
+def _shifted_exp_(z, m, keep, buf):
+    """exp(z - m) into buf. Under replay, tokens outside the kept set may lie above m (its max):
+    their shift is capped at 60, so nothing overflows; the pruned mass, >= 1 - |S| e^-60, is then 1."""
+    e = torch.sub(z, m[:, None], out=buf)
+    return (e if keep is None else e.clamp_(max=60.0)).exp_()
+
+
 def _prune_(e, min_p, keep):
-    """Zero e = exp(z - max z) (R, V) outside S, in place: the caller's kept set, or safe_mask's rule
+    """Zero e = exp(z - m) (R, V) outside S, in place: the caller's kept set, or safe_mask's rule
     e >= min_p as one fused op (a compare and a masked fill would be two passes and a mask)."""
     if keep is not None:
         return e.mul_(keep)

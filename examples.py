@@ -21,8 +21,11 @@ so they add nothing to the gradient and still count in TRL's token normaliser (a
 whose loss_mask drops them and whose normaliser counts them). That holds for TRL's default
 token-level ratio (importance_sampling_level="token") with the grpo / bnpo / dr_grpo / dapo
 losses; with a sequence-level ratio ("sequence", the GSPO setting) an out-of-set token's log-prob
-still enters its sequence's ratio, and TRL's vLLM IS correction (sequence_mask by default) may
-drop a sequence that holds one (its trainer log-prob lies far below the engine's).
+still enters its sequence's ratio. Either way it enters TRL's vLLM IS correction (sequence_mask
+by default): its trainer log-prob typically lies below the engine's (pi/pi_max < min_p <=
+mu/mu_max when the two agree on the head), which lowers its sequence's IS ratio; the default
+masks only ratios above 3, so that sequence is weighted down, not dropped, unless
+vllm_importance_sampling_clip_min is set.
 They are counted in the logged metric `dvp/out_of_set_frac`; `dvp/pruned_mass` is the mean eps.
 
 Limits: text-only dense models (no images, no MoE aux loss, no logit scaling or soft-capping

@@ -499,6 +499,8 @@ def test_geo_mask_is_verls_seq_mean_k1():
         got, ref = dvp.geo_mask(logp, mu, mask, lo, hi), verl_seq_mean_k1(logp, mu, mask.double(), lo, hi)
         assert torch.equal(got, ref), f"{(got != ref).sum()} sequences differ from verl at [{lo}, {hi}]"
         assert got.any() and not got.all(), "the test should keep some sequences and drop others"
+    stat = -torch.clamp(logp - mu, -20.0, 20.0).mul(mask).sum(-1) / (mask.sum(-1) + 1e-8)   # verl's statistic
+    torch.testing.assert_close(dvp.geo_statistic(logp, mu, mask), stat, rtol=1e-12, atol=1e-12)
 
 
 def test_geo_mask_statistic_is_log_mu_minus_log_pi_with_inclusive_ends():
@@ -624,6 +626,48 @@ def test_replaying_the_min_p_set_equals_the_min_p_rule():
     replay = dvp.pruned_logprobs(z, tokens, 0.0, keep=dvp.safe_mask(z, 0.05))   # keep shaped (..., V)
     for a, b in zip(own, replay):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("form", ["bool", "csr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_replay_of_a_kept_set_far_below_the_argmax_equals_the_plain_definition(dtype, form):
+    """A replayed set whose logits lie 60-1000 nats below the trainer's argmax (stale weights, a
+    bad engine): exp(z - max z) would underflow there (float32: subnormal below ~-87, 0 below ~-104;
+    float64: 0 below ~-745); the fast path shifts by the kept set's own max and equals the plain
+    definition, with a pruned mass of 1."""
+    N, V = 6, 50
+    z = rand_logits(N, V, seed=42, dtype=dtype)
+    keep = torch.zeros(N, V, dtype=torch.bool)
+    keep[:, 10:14] = True
+    z[:, :10] += torch.tensor([60.0, 95.0, 110.0, 200.0, 800.0, 1000.0], dtype=dtype)[:, None]  # the argmax, not kept
+    tokens = torch.tensor([10, 11, 12, 13, 10, 0])                                         # the last one outside
+    g = torch.randn(N, generator=torch.Generator().manual_seed(43), dtype=torch.float64)
+    outs = []
+    for fn, given in ((dvp.pruned_logprobs_plain, keep), (dvp.pruned_logprobs, keep if form == "bool" else
+                                                          to_csr(keep))):
+        x = z.clone().requires_grad_()
+        out = fn(x, tokens, 0.0, keep=given)
+        (out.logp * g.to(dtype)).sum().backward()
+        outs.append((out, x.grad))
+    (plain, g_plain), (fast, g_fast) = outs
+    assert torch.isfinite(fast.logp).all() and torch.isfinite(g_fast).all()
+    assert torch.equal(fast.in_set, plain.in_set) and torch.equal(fast.in_set, torch.arange(N) < 5)
+    torch.testing.assert_close(fast.logp, plain.logp, **TOL[dtype])
+    torch.testing.assert_close(fast.pruned_mass, torch.ones(N, dtype=dtype), rtol=0, atol=0)
+    torch.testing.assert_close(fast.pruned_mass, plain.pruned_mass, rtol=0, atol=0)
+    torch.testing.assert_close(g_fast, g_plain, **TOL[dtype])
+    # no gradient outside the kept set but for the out-of-set token's own z_a (logp = z_a - lse_S)
+    assert (g_fast[:5, :10] == 0).all() and (g_fast[:, 14:] == 0).all() and (g_fast[5, 1:10] == 0).all()
+
+
+def test_a_kept_set_of_masked_tokens_has_no_mass_and_is_rejected():
+    z = rand_logits(3, 20, seed=44, dtype=torch.float32)
+    z[1, :5] = -math.inf
+    keep = torch.zeros(3, 20, dtype=torch.bool)
+    keep[:, :5] = True
+    for given in (keep, to_csr(keep)):
+        with pytest.raises(ValueError, match="no probability mass"):
+            dvp.pruned_logprobs(z, torch.zeros(3, dtype=torch.long), 0.0, keep=given)
 
 
 def test_bad_kept_sets_are_rejected():

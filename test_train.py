@@ -278,6 +278,158 @@ def test_bf16_trainer_is_close_to_fp32_and_steps_float32_master_weights(tiny_mod
         assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().bfloat16())
 
 
+# --- phases 4 and 5 of train.py, without the engine ------------------------------------------------
+
+PROMPTS = [[1, 5, 9, 33], [7, 8], [3, 4, 5]]
+COMPLETIONS = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24], [25]]     # G = 2 per prompt
+
+
+def greedy_with_strays(model, G):
+    """COMPLETIONS' lengths, each token the model's argmax (in the safe set) but every third one,
+    which is a fixed token id (mostly outside it)."""
+    out = []
+    for i, c in enumerate(COMPLETIONS):
+        ids = list(PROMPTS[i // G])
+        for t in range(len(c)):
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(c[t] if t % 3 == 2 or i % 2 else nxt)   # odd completions: the fixed ids throughout
+        out.append(ids[len(PROMPTS[i // G]):])
+    return out
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "mis", "geo"])
+def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_batch(tiny_model, correction):
+    """train.policy_gradient (phase 4) over micro-batches of whole groups gives the gradient of one
+    loss over the whole batch: sum over real, in-set tokens of w A log pi_S, divided by every real
+    completion token (out-of-set ones included), w the correction's weight; out-of-set tokens
+    leave the loss. The reference is written out from full-sequence logits."""
+    import train
+    from transformers import AutoModelForCausalLM
+    min_p, temp, G = 0.05, 0.7, 2
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    COMPLETIONS = greedy_with_strays(ref_model, G)
+    B, T = len(COMPLETIONS), max(map(len, COMPLETIONS))
+    logp, in_set = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.bool)
+    completion_mask = torch.zeros(B, T, dtype=torch.bool)
+    rows = []
+    for i, c in enumerate(COMPLETIONS):
+        p = PROMPTS[i // G]
+        z = ref_model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)] / temp
+        z, c = z.double(), torch.tensor(c)
+        S = z.softmax(-1) >= min_p * z.softmax(-1).amax(-1, keepdim=True)             # safe set, by probabilities
+        lp = z.gather(-1, c[:, None]).squeeze(-1) - z.masked_fill(~S, -math.inf).logsumexp(-1)   # log pi_S
+        inside = S.gather(-1, c[:, None]).squeeze(-1)
+        rows.append(lp)
+        in_set[i, :len(c)], completion_mask[i, :len(c)] = inside, True
+    logp = torch.stack([torch.cat([r, r.new_zeros(T - len(r))]) for r in rows])        # (B, T), differentiable
+    offsets = torch.tensor([0.0, 0.3, 0.3, -0.8, 0.05, 0.0], dtype=torch.float64)      # log mu - log pi per sequence
+    engine_logp = torch.where(completion_mask, logp.detach() + offsets[:, None], 0.0).float()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    loss_mask = completion_mask & in_set
+    assert loss_mask.any() and (completion_mask & ~in_set).any(), "the batch should hold out-of-set tokens"
+    w = {"none": torch.ones(B, T, dtype=torch.float64),
+         "tis": torch.exp(logp.detach() - engine_logp).clamp(max=2.0),                   # exp(0.8) > 2: capped
+         "mis": dvp.mis_mask(logp, engine_logp, loss_mask).double()[:, None].expand(B, T),
+         "geo": dvp.geo_mask(logp, engine_logp, loss_mask, *train.GEO_INTERVAL).double()[:, None].expand(B, T),
+         }[correction]
+    if correction in ("mis", "geo"):
+        assert 0 < int((w[:, 0] == 0).sum()) < B, "the test should drop some sequences and keep others"
+    loss = -(advantages[:, None] * w * logp)[loss_mask].sum() / completion_mask.sum()
+    loss.backward()
+    rollouts = [train.Rollout(PROMPTS[i // G], c, engine_logp[i, :len(c)].tolist(), "")
+                for i, c in enumerate(COMPLETIONS)]
+    for micro_batch in (2, 4, 6):                           # 3, 2 and 1 micro-batches (2, 2 + 1, 3 groups)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        args = train.Args(group_size=G, micro_batch=micro_batch, min_p=min_p, temperature=temp, correction=correction)
+        loss_sum, log = train.policy_gradient(model, model, rollouts, advantages, completion_mask,
+                                              engine_logp, args)
+        assert log.error is None and log.done.all()
+        assert loss_sum == pytest.approx(loss.item(), rel=1e-4, abs=1e-7)
+        assert log.rejected == int((w[:, 0] == 0).sum())
+        assert torch.equal(log.lp.in_set, in_set)
+        for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+            scale = float(b.grad.abs().max())             # float32 model vs float64 softmax: ~1e-4 of the largest
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * scale,
+                                       msg=lambda m: f"{name}, micro-batch {micro_batch}: {m}")
+    # the bf16 trainer: the copy's gradients end up in the float32 master weights (train.add_grads), and not
+    # in the copy; bf16 keeps ~3 significant digits: compare the direction of the whole gradient (cosine 0.99 here)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    low = train.compute_copy(model, torch.bfloat16)
+    args = train.Args(group_size=G, micro_batch=2, min_p=min_p, temperature=temp, correction=correction)
+    train.policy_gradient(model, low, rollouts, advantages, completion_mask, engine_logp, args)
+    assert all(q.grad is None for q in low.parameters())
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    want = torch.cat([p.grad.flatten() for p in ref_model.parameters()]).float()
+    cos = float(got @ want / (got.norm() * want.norm()))
+    assert got.dtype == torch.float32 and cos > 0.97, f"cosine {cos:.3f} between the bf16 and the float64 gradient"
+
+
+def test_policy_gradient_reports_non_finite_activations_and_the_step_is_skipped(tiny_model):
+    import train
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = math.nan
+    rollouts = [train.Rollout(PROMPTS[i // 2], c, [0.0] * len(c), "") for i, c in enumerate(COMPLETIONS)]
+    completion_mask, engine_logp = train.pad_rollouts(rollouts, "cpu")
+    loss, log = train.policy_gradient(model, model, rollouts, torch.ones(6), completion_mask, engine_logp,
+                                      train.Args(group_size=2, micro_batch=2))
+    assert math.isnan(loss) and "NaN or inf" in log.error and not log.done.any()
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)                      # as if an earlier micro-batch had left some
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    assert train.optimizer_step(model, model, optimizer, loss, 1.0)[1], "a NaN loss skips the step"
+    assert all(torch.equal(p.nan_to_num(), q.nan_to_num()) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_optimizer_step_clips_steps_refreshes_the_copy_and_skips_non_finite_steps():
+    """train.optimizer_step (phase 5): the gradient norm is clipped to max_grad_norm (the norm before
+    clipping is returned), the float32 master steps and the bf16 compute copy follows; a non-finite
+    loss or gradient norm leaves both untouched and clears the gradient."""
+    import copy
+    import train
+    torch.manual_seed(0)
+    for norm, max_norm in ((5.0, 1.0), (0.5, 1.0)):                       # clipped, and not clipped
+        master = torch.nn.Linear(4, 3)
+        low = copy.deepcopy(master).bfloat16()
+        for p in master.parameters():
+            p.grad = torch.randn_like(p)
+        total = torch.sqrt(sum((p.grad ** 2).sum() for p in master.parameters()))
+        for p in master.parameters():
+            p.grad.mul_(norm / total)
+        before = [(p.detach().clone(), p.grad.clone()) for p in master.parameters()]
+        grad_norm, skipped = train.optimizer_step(master, low, torch.optim.SGD(master.parameters(), lr=1.0), 0.3,
+                                                  max_norm)
+        assert not skipped and grad_norm == pytest.approx(norm, rel=1e-5)
+        for p, q, (p0, g0) in zip(master.parameters(), low.parameters(), before):
+            torch.testing.assert_close(p.detach(), p0 - g0 * min(1.0, max_norm / norm), rtol=1e-5, atol=1e-6)
+            assert q.dtype == torch.bfloat16 and torch.equal(q.detach(), p.detach().bfloat16())
+    for loss, bad_grad in ((math.nan, 1.0), (math.inf, 1.0), (0.3, math.inf), (0.3, math.nan)):
+        master = torch.nn.Linear(4, 3)
+        low = copy.deepcopy(master).bfloat16()
+        for p in master.parameters():
+            p.grad = torch.ones_like(p)
+        master.weight.grad[0, 0] = bad_grad
+        before = [p.detach().clone() for p in list(master.parameters()) + list(low.parameters())]
+        grad_norm, skipped = train.optimizer_step(master, low, torch.optim.SGD(master.parameters(), lr=1.0), loss, 1.0)
+        assert skipped, f"loss {loss}, a gradient entry {bad_grad}: the step must be skipped"
+        assert all(p.grad is None for p in master.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(before, list(master.parameters()) + list(low.parameters())))
+
+
+def test_micro_batches_hold_whole_groups_and_cover_the_batch():
+    import train
+    for n, G, micro in ((12, 4, 6), (12, 4, 8), (12, 4, 2), (12, 4, 100), (6, 2, 2)):
+        parts = train.micro_batches(n, G, micro)
+        covered = [i for s in parts for i in range(n)[s]]
+        assert covered == list(range(n))
+        assert all((s.start % G == 0) and (len(range(n)[s]) % G == 0) for s in parts)
+        assert all(len(range(n)[s]) <= max(micro, G) for s in parts)
+
+
 def read_jsonl(path):
     import json
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
@@ -316,11 +468,13 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     r = run_train("--steps", "3", "--resume", *common, "--lr", "1e-3")     # other settings: refused, nothing written
     assert r.returncode != 0 and "lr" in r.stderr and read_jsonl(out / "metrics.jsonl") == recs
 
-    r = run_train("--steps", "3", "--resume", *common)
+    r = run_train("--steps", "3", "--resume", *common, "--eval-every", "5")     # evaluation is not a training setting
     assert r.returncode == 0, r.stderr[-3000:]
     after = read_jsonl(out / "metrics.jsonl")
+    assert [x["step"] for x in after[len(recs):] if x["kind"] == "eval"] == [3], "the last step is evaluated"
     assert after[:len(recs)] == recs, "resume must keep every earlier record"
-    assert after[len(recs)] == {"kind": "resume", "from_step": 2, "time": after[len(recs)]["time"]}
+    assert after[len(recs)] == {"kind": "resume", "from_step": 2, "used": after[len(recs)]["used"],
+                                "time": after[len(recs)]["time"]} and after[len(recs)]["used"]["device"] == "cpu"
     assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
     ck = torch.load(out / "checkpoint.pt", weights_only=True)           # loads without running pickled code
     assert ck["step"] == 3
@@ -345,7 +499,10 @@ def test_fp8_kv_cache_run_with_the_geo_mask_is_recorded_and_quiet(tiny_model, tm
                   "--max-new-tokens", "8", "--eval-size", "4", "--steps", "1", "--min-p", "0", "--correction", "geo",
                   "--engine-kv-dtype", "fp8")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "args.json").read_text())["engine_kv_dtype"] == "fp8"
+    import train
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["engine_kv_dtype"] == "fp8" and saved["engine_dtype"] == "auto"     # and what "auto" became:
+    assert saved["used"] == {"device": "cpu", "engine_dtype": train.engine_dtype(train.Args(), torch.device("cpu"))}
     rec = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train"][0]
     assert 0.0 <= rec["seq_rejected_frac"] <= 1.0 and rec["mismatch_mean"] > 0
     assert " INFO " not in r.stdout + r.stderr, "vLLM's INFO logging should be off by default"
@@ -549,7 +706,7 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     sys.path.insert(0, str(HERE / "scripts"))
     import evidence
     rewards = [0.1, 0.2, 0.6, 0.9, 0.3, 0.3]                  # 3-step means from step 3: 0.3, 0.567, 0.6, 0.5
-    for seed, arm in [(0, "plain"), (1, "plain"), (12, "dvp")]:
+    for seed, arm in [(0, "plain"), (1, "plain"), (12, "dvp"), (1, "dvp")]:
         d = tmp_path / f"seed{seed}" / arm
         d.mkdir(parents=True)
         recs = [{"kind": "eval", "step": 0, "sampled_acc": 0.1, "greedy_acc": 0.2}]
@@ -558,12 +715,29 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
                   "time_sync": 0.0}
                  for i, r in enumerate(rewards)]
         recs += [{"kind": "eval", "step": 6, "sampled_acc": 0.5 + seed / 100, "greedy_acc": 0.6,
-                  "sampled_acc_unpruned": 0.4}]
+                  "sampled_acc_unpruned": 0.55 if (seed, arm) == (1, "dvp") else 0.4}]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert evidence.seeds_on_disk(tmp_path) == [0, 1, 12]
     s = evidence.run_summary(evidence.read(tmp_path / "seed1" / "plain" / "metrics.jsonl"))
     assert s["reward_drop"] == pytest.approx(0.6 - 0.5) and s["peak_grad_norm"] == 6.0
     assert s["sampled_acc"] == 0.51 and s["unpruned_acc"] == 0.4 and s["minutes"] == pytest.approx(18 / 60)
+    # the long table: held-out accuracy per evaluation ("-" where none ran), titled as the runs recorded it
+    (tmp_path / "seed0" / "plain" / "args.json").write_text(json.dumps(
+        {"engine_dtype": "auto", "engine_kv_dtype": "fp8", "engine_noise": 0.0, "trainer_dtype": "bfloat16",
+         "used": {"device": "cuda", "engine_dtype": "float16"}}))
+    import argparse
+    here = argparse.Namespace(preset="long", steps=6, eval_every=3, engine_kv_dtype="auto", engine_noise=0.5,
+                              engine_dtype="auto", train_args=[])
+    head, lines, done = evidence.compare_table(here, tmp_path)
+    assert head.startswith("vLLM float16, fp8 KV cache / bfloat16 trainer, SmolLM2-135M-Instruct, arithmetic, 6 steps")
+    assert "| held-out acc step 3 | held-out acc step 6 | held-out best-to-end drop |" in lines[0]
+    assert lines[2].startswith("| plain GRPO | 2 | 0.100 [0.100, 0.100] | - | 0.400 [0.400, 0.400] | 0.000 ")
+    assert lines[3].startswith("| DVP (rho=1e-3) | 2 | 0.100 [0.100, 0.100] | - | 0.475 [0.400, 0.550] |")
+    assert set(done) == {"plain", "dvp"} and set(done["dvp"]) == {1, 12}
+    assert lines[-1] == "- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)"
+    (tmp_path / "seed1" / "plain" / "args.json").write_text(json.dumps({"trainer_dtype": "float32"}))
+    with pytest.raises(SystemExit, match="trainer_dtype"):                       # one table per regime
+        evidence.compare_table(here, tmp_path)
     assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
     m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
     assert (m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3)

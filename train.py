@@ -13,7 +13,7 @@ completion positions and in chunks, and takes one on-policy GRPO step. The gap b
 the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
 
 main() is the loop, in numbered phases: 1 rollout, 2 reward, 3 advantage, 4 DVP log-probs and
-loss, 5 optimizer step, 6 weight sync, 7 log. Every vLLM call is in the "vLLM" section.
+loss (policy_gradient), 5 optimizer step, 6 weight sync, 7 log. Every vLLM call is in the "vLLM" section.
 
 Left out on purpose: KL penalty to a reference model, several updates per batch (dvp.grpo_loss
 supports a clipped ratio for that), multi-GPU, mask replay (dvp.pruned_logprobs(keep=...) does the
@@ -76,7 +76,7 @@ class Args:
     """run folder: metrics.jsonl, checkpoint.pt, args.json."""
     resume: bool = False
     """continue the run in --out from its checkpoint (from step 0 if it has none yet), appending to
-    its metrics.jsonl."""
+    its metrics.jsonl; only --steps, --eval-every and --checkpoint-every may differ from the run's."""
     eval_every: int = 10
     """held-out greedy and sampled accuracy every this many steps (and at the start and the end)."""
     eval_size: int = 64
@@ -169,29 +169,13 @@ def main(args: Args):
         # 3) group-normalised advantages
         advantages = dvp.grpo_advantages(rewards, G).to(run.device)
 
-        # 4) DVP: log pi_S over the trainer's own safe set, masked loss, backward per micro-batch
+        # 4) DVP: log pi_S over the trainer's own safe set, masked loss, backward (policy_gradient)
         t0 = time.time()
         completion_mask, engine_logp = pad_rollouts(rollouts, run.device)        # (B, T): real tokens, log mu_S
-        num_tokens = completion_mask.sum()        # the loss denominator (dvp.grpo_loss explains the choice)
-        log, loss_sum = StepLog(completion_mask.shape), 0.0                  # what phase 7 reports
-        compute_model.train()
         optimizer.zero_grad(set_to_none=True)
-        for s in micro_batches(len(rollouts), G, args.micro_batch):
-            try:
-                lp, set_size = trainer_logprobs(compute_model, [r.prompt_ids for r in rollouts[s][::G]],
-                                                [r.completion_ids for r in rollouts[s]], G, args.min_p,
-                                                args.temperature, width=completion_mask.shape[1])   # (mb, T) each
-            except FloatingPointError as e:       # non-finite activations: skip the step (phase 5), do not crash
-                tqdm.write(f"step {step}: {e}")
-                loss_sum = math.nan
-                break
-            loss_mask = completion_mask[s] & lp.in_set            # out-of-set tokens (pi_S = 0) leave the loss
-            weights, dropped = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
-            loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
-            loss.backward()
-            add_grads(model, compute_model)
-            loss_sum += loss.item()
-            log.add(s, lp, set_size, dropped)
+        loss_sum, log = policy_gradient(model, compute_model, rollouts, advantages, completion_mask, engine_logp, args)
+        if log.error is not None:                  # non-finite activations: the step is skipped (phase 5)
+            tqdm.write(f"step {step}: {log.error}")
 
         # 5) optimizer step with gradient clipping; a non-finite loss or gradient skips the step
         grad_norm, skipped = optimizer_step(model, compute_model, optimizer, loss_sum, args.max_grad_norm)
@@ -225,6 +209,32 @@ def main(args: Args):
     summarize(Path(args.out))
 
 
+def policy_gradient(model, compute_model, rollouts, advantages, completion_mask, engine_logp, args: Args):
+    """Phase 4: the gradient of dvp.grpo_loss over the whole batch, one micro-batch of whole groups
+    at a time, added into model's .grad (float32). Returns (loss, StepLog); the loss is NaN when the
+    trainer's activations are not finite (log.error says so; phase 5 then skips the step)."""
+    G = args.group_size
+    num_tokens = completion_mask.sum()            # the loss denominator (dvp.grpo_loss explains the choice)
+    log, loss_sum = StepLog(completion_mask.shape), 0.0
+    compute_model.train()
+    for s in micro_batches(len(rollouts), G, args.micro_batch):
+        try:
+            lp, set_size = trainer_logprobs(compute_model, [r.prompt_ids for r in rollouts[s][::G]],
+                                            [r.completion_ids for r in rollouts[s]], G, args.min_p,
+                                            args.temperature, width=completion_mask.shape[1])   # (mb, T) each
+        except FloatingPointError as e:
+            log.error = str(e)
+            return math.nan, log
+        loss_mask = completion_mask[s] & lp.in_set            # out-of-set tokens (pi_S = 0) leave the loss
+        weights, dropped = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
+        loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
+        loss.backward()
+        add_grads(model, compute_model)
+        loss_sum += loss.item()
+        log.add(s, lp, set_size, dropped)
+    return loss_sum, log
+
+
 class StepLog:
     """What the micro-batches of one step leave for its log (phase 7): log pi_S, in_set and pruned
     mass of every completion token (B, T), the rows done, the safe-set sizes, the sequences dropped."""
@@ -232,6 +242,7 @@ class StepLog:
     def __init__(self, shape):
         self.lp = dvp.PrunedLogProbs(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape))
         self.done, self.set_sizes, self.rejected = torch.zeros(shape[0], dtype=torch.bool), [], 0
+        self.error = None                         # why the step stopped early (non-finite activations)
 
     def add(self, rows, lp, set_size, dropped):
         for whole, part in zip(self.lp, lp):
@@ -310,14 +321,15 @@ def run_state(args: Args):
         return metrics, ckpt, None
     saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
     changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v}
-    changed -= {"steps", "resume", "cache_dir", "out"}
+    changed -= {"steps", "resume", "cache_dir", "out", "eval_every", "checkpoint_every"}   # not the training's
     if changed:
         raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} "
-                         "(only --steps may change)")
+                         "(only --steps, --eval-every and --checkpoint-every may change)")
     if ckpt.exists():
         return metrics, ckpt, ckpt
     if has_records:        # stopped before its first checkpoint: start again, its records get superseded
-        print(f"--resume: {out} has no checkpoint yet (the run stopped before step {args.checkpoint_every}): "
+        print(f"--resume: {out} has no checkpoint yet (the run stopped before step "
+              f"{saved.get('checkpoint_every', args.checkpoint_every)}): "
               "starting from step 0; its earlier records stay in metrics.jsonl, later ones supersede them")
         return metrics, ckpt, None
     raise SystemExit(f"--resume: nothing to resume in {out} (no checkpoint, no records): run without --resume")
@@ -352,10 +364,11 @@ def open_run(args: Args):
             print(f"{resume_from} is at step {start}, --steps is {args.steps}: nothing to do")
             return None
         rng.setstate(_as_random_state(ck["rng"])), torch.set_rng_state(ck["torch_rng"].cpu())
-    if args.resume:
-        append_jsonl(metrics, {"kind": "resume", "from_step": start, "time": time.time()})
+    used = {"device": device.type, "engine_dtype": engine_dtype(args, device)}     # what "auto" became here
+    if args.resume:        # args.json keeps the last part's `used`; each resume record keeps its own
+        append_jsonl(metrics, {"kind": "resume", "from_step": start, "used": used, "time": time.time()})
         print(f"Resuming {out} at step {start}; later step records supersede earlier ones.")
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    (out / "args.json").write_text(json.dumps({**dataclasses.asdict(args), "used": used}, indent=1))
 
     compute_model = compute_copy(model, trainer_dtype)
     llm = start_engine(path, args, device, max_model_len=max_prompt + args.max_new_tokens + 16, seed=args.seed + start)

@@ -55,13 +55,28 @@ def tag_of(args):
             ("" if dtype == "bfloat16" else f"-{dtype}"))
 
 
-def regime_of(args):
-    """The mismatch regime in words, for titles."""
-    kv = "" if args.engine_kv_dtype == "auto" else f", {args.engine_kv_dtype} KV cache"
-    noise = f", engine noise delta = {args.engine_noise:g}" if args.engine_noise else ""
-    extra = getattr(args, "train_args", [])
-    trainer = extra[extra.index("--trainer-dtype") + 1] if "--trainer-dtype" in extra else "float32"
-    return f"vLLM {dtype_of(args)}{kv}{noise} / {trainer} trainer"
+def regime_of(args, saved=None):
+    """The mismatch regime in words, for titles: as the runs recorded it in their args.json (`saved`)
+    where given, else as these arguments make it on this machine."""
+    saved, extra = saved or {}, getattr(args, "train_args", [])
+    dtype = (saved.get("used", {}).get("engine_dtype")                     # runs before "used" was recorded:
+             or (saved["engine_dtype"] if saved.get("engine_dtype", "auto") != "auto" else dtype_of(args)))  # here's
+    kv_dtype, noise = saved.get("engine_kv_dtype", args.engine_kv_dtype), saved.get("engine_noise", args.engine_noise)
+    trainer = saved.get("trainer_dtype") or (extra[extra.index("--trainer-dtype") + 1] if "--trainer-dtype" in extra
+                                              else "float32")
+    kv = "" if kv_dtype == "auto" else f", {kv_dtype} KV cache"
+    return f"vLLM {dtype}{kv}" + (f", engine noise delta = {noise:g}" if noise else "") + f" / {trainer} trainer"
+
+
+def saved_settings(runs):
+    """The settings the runs in `runs` share (their args.json), or {} when there is none. Runs that
+    differ in what the title names raise: a table must not mix regimes."""
+    found = [json.loads(p.read_text()) for p in sorted(runs.glob("seed*/*/args.json"))]
+    keys = ("engine_kv_dtype", "engine_noise", "trainer_dtype", "used")
+    mixed = [k for k in keys if len({json.dumps(x[k]) for x in found if k in x}) > 1]   # older runs lack "used"
+    if mixed:
+        raise SystemExit(f"{runs}: the runs differ in {mixed} (see their args.json); one table per regime")
+    return found[0] if found else {}
 
 
 def measure(rho, llm, tok, model, prompts, n, max_tokens):
@@ -110,7 +125,7 @@ def mismatch(args):
         # statistic is verl's seq_mean_k1, exp(mean_t log mu - log pi) (dvp.geo_mask), whose quantiles we report
         ok = mask & grid(d["in_set"], False)
         logp, engine = grid(d["logp"].double()), grid(d["engine"].double())
-        geo = (torch.where(ok, engine - logp, 0.0).sum(-1) / ok.sum(-1).clamp_min(1)).exp()
+        geo = dvp.geo_statistic(logp, engine, ok).exp()
         s["geo_q"] = [float(x) for x in
                       torch.quantile(geo, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=geo.dtype))]
         s["geo_rejected"] = float((~dvp.geo_mask(logp, engine, ok, *train.GEO_INTERVAL)).double().mean())
@@ -334,21 +349,9 @@ COLUMNS = [("unpruned_acc", "held-out sampled acc at the end, unpruned sampler",
            ("bias_bound", "mean bias bound", ".3f"), ("rejected", "sequences rejected", ".3f")]
 
 
-def summarize_compare(args):
-    """Table (mean and interval over seeds per arm) and figure (mean line and band per arm) of the
-    runs in runs/compare{tag}/, into figures/compare{tag}.md and .png, under compare's note."""
-    tag = tag_of(args)
-    runs, png, md = (ROOT / "runs" / f"compare{tag}", Path(args.out) / f"compare{tag}.png",
-                     Path(args.out) / f"compare{tag}.md")
-    note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("reward", "train reward (3-step mean)"),
-              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm"),
-              ("kl_k3", "K3 KL(mu || pi)"), ("bias_bound", "bias bound per sequence"),
-              ("seq_rejected_frac", "sequences rejected (mis, geo)")]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+def compare_table(args, runs):
+    """The compare table of the runs in `runs` (mean and interval over seeds per arm): (head, markdown
+    lines, {arm: its finished runs' records}). The title takes the regime from the runs' args.json."""
     seeds_done = seeds_on_disk(runs)
     columns = COLUMNS
     if args.preset == "long":   # held-out accuracy at every evaluation, and its largest fall from the best
@@ -357,11 +360,14 @@ def summarize_compare(args):
                    + [("eval_drop", "held-out best-to-end drop", ".3f")] + COLUMNS[2:])
     lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in columns) + " | minutes per run (steps only) |",
              "|---" * (len(columns) + 4) + "|"]
+    done = {}
     for arm, (name, _, _) in ARMS.items():
-        runs_arm = [read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done]
-        runs_arm = [r for r in runs_arm if finished(r, args.steps)]
-        if not runs_arm:
+        by_seed = {s: read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done}
+        by_seed = {s: r for s, r in by_seed.items() if finished(r, args.steps)}
+        if not by_seed:
             continue
+        done[arm] = by_seed
+        runs_arm = list(by_seed.values())
         sums = [run_summary(r) for r in runs_arm]
         for x in sums:
             x.update({f"acc@{k}": v for k, v in x["acc_at"].items()})
@@ -370,29 +376,71 @@ def summarize_compare(args):
         lines.append(f"| {name} | {len(sums)} | {cell('start_acc', '.3f')} | "
                      + " | ".join(cell(k, f) for k, _, f in columns)
                      + f" | {interval([x['minutes'] for x in sums])[0]:.1f} |")
+    head = (f"{regime_of(args, saved_settings(runs))}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 "
+            f"prompts x 8 samples per run, seeds {sorted(set().union(*done.values()))} (finished runs; the same "
+            "prompts for every arm of a seed). "
+            "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
+            "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
+    return head, lines + paired_differences(done), done
+
+
+def paired_differences(done):
+    """Lines of the end accuracy (held-out, unpruned sampler) of each arm minus that of plain GRPO
+    and of the geo mask, seed by seed (the same prompts): the comparison that decides separation."""
+    out = []
+    for base in ("plain", "geo"):
+        for arm in (a for a in done if a not in (base, "plain") and base in done):   # plain - geo: see geo - plain
+            seeds = sorted(set(done[arm]) & set(done[base]))
+            if not seeds:
+                continue
+            d = [run_summary(done[arm][s])["unpruned_acc"] - run_summary(done[base][s])["unpruned_acc"] for s in seeds]
+            out.append(f"- {ARMS[arm][0]} minus {ARMS[base][0]}, end accuracy, seeds {seeds}: "
+                       + ", ".join(f"{x:+.3f}" for x in d) + f" (mean {sum(d) / len(d):+.3f})")
+    return ["", "Paired differences (same seed, same prompts):"] + out if out else []
+
+
+def summarize_compare(args):
+    """Table (compare_table) and figure (mean line and band per arm) of the runs in
+    runs/compare{tag}/, into figures/compare{tag}.md and .png, under compare's note."""
+    tag = tag_of(args)
+    runs, png, md = (ROOT / "runs" / f"compare{tag}", Path(args.out) / f"compare{tag}.png",
+                     Path(args.out) / f"compare{tag}.md")
+    note = (runs / "note.md").read_text().strip() if (runs / "note.md").exists() else "re-drawn by `evidence.py plot`"
+    head, lines, done = compare_table(args, runs)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = 5 if args.preset == "long" else 1      # 80 noisy steps: every train-side panel as a trailing 5-step mean
+    per = f" ({k}-step mean)" if k > 1 else ""
+    panels = [("reward", f"train reward ({max(k, 3)}-step mean)"),
+              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm" + per),
+              ("kl_k3", "K3 KL(mu || pi)" + per), ("bias_bound", "bias bound per sequence" + per),
+              ("seq_rejected_frac", "sequences rejected (mis, geo)" + per)]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for arm, by_seed in done.items():
+        runs_arm = list(by_seed.values())
         for ax, (key, title) in zip(axes.flat, panels):
             src = "eval" if key.endswith("unpruned") else "train"
             per_seed = [train.latest(r, src) for r in runs_arm]
             steps = sorted(set.intersection(*[{x["step"] for x in recs} for recs in per_seed]))
             ys = [[x.get(key, x.get("sampled_acc", 0.0)) for x in recs if x["step"] in steps] for recs in per_seed]
-            if key == "reward":
-                ys = [smooth(y) for y in ys]
+            if src == "train":
+                ys = [smooth(y, max(k, 3) if key == "reward" else k) for y in ys]
             stats = [interval(list(col)) for col in zip(*ys)]
-            line, = ax.plot(steps, [m for m, _, _ in stats], label=name, marker="o" if src == "eval" else None, ms=3)
+            line, = ax.plot(steps, [m for m, _, _ in stats], label=ARMS[arm][0], marker="o" if src == "eval" else None,
+                            ms=3)
             ax.fill_between(steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15,
                             color=line.get_color())
             ax.set_title(title, fontsize=10), ax.set_xlabel("step")
     axes.flat[3].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{regime_of(args)}: mean and band (min-max for 3 seeds) over seeds {seeds_done}", fontsize=10)
+    seeds = sorted(set().union(*done.values())) if done else []
+    fig.suptitle(f"{regime_of(args, saved_settings(runs))}: mean and band (min-max up to 3 seeds, else 95 % t "
+                 f"interval) over seeds {seeds}, finished runs", fontsize=10)
     import textwrap
     fig.text(0.01, 0.005, textwrap.fill(note.replace("`", ""), 230), fontsize=7)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(png, dpi=110)
-    head = (f"{regime_of(args)}, SmolLM2-135M-Instruct, arithmetic, {args.steps} steps x 4 prompts x 8 samples "
-            f"per run, seeds {seeds_done} (the same prompts for every arm of a seed). "
-            "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
-            "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
     md.write_text("\n".join([head, ""] + lines + ["", note]) + "\n")
     print("\n".join(lines))
     print(f"wrote {png} and {md}")
