@@ -250,7 +250,7 @@ DEFAULT_ARMS = ["plain", "tis", "mis", "geo", "dvp"]
 # --preset long (claim (c) over a longer horizon): the FP8 KV cache, 80 steps, held-out evaluation every 20,
 # the four arms that matter there (figures/drift.png: rho = 1e-3 barely changes the FP8 drift, 1e-2 cuts it to a
 # third; so 1e-2 runs second), the bf16 trainer where it is fast (1.8x), at the lr where make train used to fall
-# back (BUDGET). One run takes about 15-20 min on 2 cores: 4 arms x 3 seeds, about 3.5 hours, resumable.
+# back (BUDGET). One run takes 10-15 min on 2 cores: 4 arms x 3 seeds took 3 h 02 min, resumable.
 LONG = dict(steps=80, eval_every=20, arms=["plain", "dvp2", "geo", "dvp"], engine_kv_dtype="fp8")
 
 # Per-run budget beyond --steps: 4 prompts x 8 samples per step, held-out evaluation at the start
