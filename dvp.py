@@ -383,8 +383,8 @@ def _row_stats(z, tokens, min_p, keep, buf):
     m = z.amax(-1)                                       # (R,)
     finite = ~torch.isnan(z.sum(-1)) & torch.isfinite(m)  # no NaN or +inf; -inf (a masked token) is fine
     if keep is not None:   # replay: shift by the kept set's own max, which may lie far below max z
-        m = torch.where(keep, z, z.new_full((), -math.inf), out=buf).amax(-1)   # a set without mass: -inf,
-    e = _shifted_exp_(z, m, keep, buf)                   # (R, V), values in [0, 1] inside S (there: s_S NaN)
+        m = torch.where(keep, z, z.new_full((), -math.inf), out=buf).amax(-1)   # -inf if S holds only -inf
+    e = _shifted_exp_(z, m, keep, buf)                   # (R, V), values in [0, 1] inside S (m = -inf: NaN)
     s_all = e.sum(-1)
     in_set = (keep.gather(-1, tokens[:, None]) if keep is not None
               else e.gather(-1, tokens[:, None]) > _below(min_p, e.dtype)).squeeze(-1)   # safe_mask's rule
