@@ -2,7 +2,7 @@
 
     make mismatch ARGS="--engine-kv-dtype fp8"   # evidence.py mismatch: the log-prob gap, per rho
     make compare ARGS="--engine-kv-dtype fp8"    # evidence.py compare: five arms x seeds of train.py
-    make compare ARGS="--preset long"            # claim (c) over 80 steps: FP8 KV, 4 arms x 3 seeds, ~3.5 h
+    make compare ARGS="--preset long"            # claim (c) over 80 steps: FP8 KV, 4 arms x 3 seeds, ~3 h
     python scripts/evidence.py plot --engine-kv-dtype fp8   # redraw a compare from the runs on disk
 
 mismatch: samples a fixed prompt set (the held-out arithmetic problems, 4 completions each) at
