@@ -12,7 +12,7 @@ endif
 STAMP := $(VENV)/.installed-$(if $(HAS_GPU),gpu,cpu)
 ARGS ?=
 
-.PHONY: help install test bench train mismatch compare demo gpu-check clean
+.PHONY: help install test bench train mismatch compare sweep demo gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -54,6 +54,9 @@ mismatch: $(VENV)/.plot  ## engine vs trainer log-prob gap by token probability,
 
 compare: $(VENV)/.plot  ## plain GRPO vs TIS vs MIS vs geo mask vs DVP, 3 seeds each, plotted (figures/)
 	$(BIN)/python scripts/evidence.py compare $(ARGS)
+
+sweep: $(VENV)/.plot  ## plain GRPO at engine noise delta 0 1 2 4, seed 0, 80 steps: where does it break? (figures/)
+	$(BIN)/python scripts/evidence.py sweep $(ARGS)
 
 clean:  ## remove .venv and run outputs
 	rm -rf $(VENV) runs .pytest_cache __pycache__

@@ -25,15 +25,22 @@ vLLM with logprobs_mode="processed_logprobs" takes the log-prob after temperatur
 uses its OWN safe set; a sampled token outside it has pi_S = 0 and is masked out of the loss and
 counted, never turned into -inf.
 
-The price. eps(s) = 1 - Z(s) is the pruned mass, and TV(pi_S(.|s), pi(.|s)) = eps(s) exactly.
-By the usual hybrid argument TV(P_{pi_S}, P_pi) <= E_{y~pi_S}[sum_t eps(s_t)], hence
-    |J(pi_S) - J(pi)| <= (R_max - R_min) * E_{y ~ pi_S}[sum_t eps(s_t)]  <=  (R_max - R_min) T max eps.
-test_dvp.py checks this exactly by enumerating every sequence of a tiny autoregressive model.
+The price. eps(s) = 1 - Z(s) is the pruned mass, and TV(pi_S(.|s), pi(.|s)) = eps(s) exactly. For
+whole sequences: on the support of pi_S every factor is pi(y_t|s_t) / Z(s_t), so
+P_{pi_S}(y) = P_pi(y) / prod_t Z(s_t) there and 0 elsewhere, hence exactly
+    TV(P_{pi_S}, P_pi) = E_{y~pi_S}[1 - prod_t Z(s_t)]  <=  E_{y~pi_S}[sum_t eps(s_t)]  <=  T max eps
+and |J(pi_S) - J(pi)| <= (R_max - R_min) * TV, tight over all rewards in [R_min, R_max]: `bias_bound`
+(never above R_max - R_min), `bias_bound_sum` (the hybrid form, which can exceed it) and
+`worst_case_bias_bound`. test_dvp.py checks all three by enumerating every sequence of a tiny model.
+A sampled sequence holding a token outside S has probability 0 under pi_S. Dropping only that token
+from the loss (the default here) or the whole sequence (`sequence_in_set`) is a choice beyond the
+abstract: the first keeps the rest of the sequence's gradient, the second keeps only samples that
+pi_S can produce.
 
 Paper -> code (dims: B sequences, T positions, V vocabulary, D hidden size, N = B*T):
     rho -> `min_p`            S(s) -> `safe_mask`        log pi_S(y_t) -> `pruned_logprobs_plain(...).logp`
     y_t in S(s_t) -> `.in_set`    eps(s) -> `.pruned_mass`    A_i -> `grpo_advantages`
-    masked objective -> `grpo_loss`    bound -> `bias_bound`    log mu_S(y_t) -> `engine_logp`
+    masked objective -> `grpo_loss`    bound -> `bias_bound` (exact)    log mu_S(y_t) -> `engine_logp`
     m_{i,t} (real completion tokens in the trainer's set) -> the loss `mask`
 
 The file has three parts. 1: the method as stated above, in plain differentiable torch.
@@ -43,7 +50,8 @@ compute exactly `pruned_logprobs_plain` (test_dvp.py checks values, sets, pruned
 gradients) in row blocks, without (N, V) temporaries, and take mask replay.
 
 Beyond the abstract (our choices, say so when you cite them):
-- the exact bound above and the per-token bound 2*delta*(1 - min(pi, mu));
+- the sequence-level bounds above and the per-token bound 2*delta*(1 - min(pi, mu));
+- what to do with out-of-set tokens (token- or sequence-level; `sequence_in_set`);
 - token-level loss normalisation, a PPO-clipped ratio when old log-probs are given, and the
   TIS / MIS / geometric-mean corrections of other frameworks, for comparison only;
 - mask replay (`keep=`): the trainer renormalises over the set the sampler kept instead of its
@@ -150,19 +158,39 @@ def grpo_loss(logp, advantages, mask, *, old_logp=None, clip_eps=0.2, weights=No
 
 
 def bias_bound(pruned_mass, mask, reward_range=1.0):
-    """Per-sequence bound term reward_range * sum_t mask * eps(s_t): (B, T) -> (B,).
+    """The exact per-sequence term of the bias bound: reward_range * (1 - prod_t Z(s_t)), with
+    Z = 1 - eps over the masked positions. (B, T) -> (B,), each in [0, reward_range].
 
-    reward_range = R_max - R_min of your reward (train.py's reward is 0 or 1, so 1). The bound on
-    |J(pi_S) - J(pi)| is the mean of this term over sequences y ~ pi_S. train.py estimates it by
-    the mean over the engine's samples (y ~ mu_S), which differ from pi_S by the mismatch itself."""
+    On the support of pi_S, P_{pi_S}(y) = P_pi(y) / prod_t Z(s_t), so
+        TV(P_{pi_S}, P_pi) = E_{y ~ pi_S}[1 - prod_t Z(s_t)]            (exactly)
+    and |J(pi_S) - J(pi)| <= (R_max - R_min) * TV, tight over all rewards in [R_min, R_max]. The
+    mean of this term over y ~ pi_S is that bound. train.py estimates the mean over the engine's
+    samples (y ~ mu_S), which differ from pi_S by the mismatch itself. reward_range = R_max - R_min
+    (train.py's reward is 0 or 1, so 1). Computed as -expm1(sum_t log1p(-eps_t)): stable for tiny eps.
+    Looser forms, in order: bias_bound <= bias_bound_sum <= worst_case_bias_bound (per batch)."""
+    eps = torch.where(as_bool_mask(mask), pruned_mass, 0.0).clamp(0.0, 1.0)
+    return reward_range * -torch.expm1(torch.log1p(-eps).sum(-1))
+
+
+def bias_bound_sum(pruned_mass, mask, reward_range=1.0):
+    """The hybrid (sum) form reward_range * sum_t eps(s_t) per sequence: (B, T) -> (B,). It is
+    >= bias_bound (1 - prod(1 - eps) <= sum eps) and can exceed reward_range, where it bounds nothing."""
     return reward_range * torch.where(as_bool_mask(mask), pruned_mass, 0.0).sum(-1)
 
 
 def worst_case_bias_bound(pruned_mass, mask, reward_range=1.0):
-    """The looser reward_range * T * max eps, with T the longest sequence in the batch."""
+    """The loosest form reward_range * T * max eps over the batch, with T the longest sequence."""
     mask = as_bool_mask(mask)
     eps_max = torch.where(mask, pruned_mass, 0.0).max() if mask.any() else pruned_mass.new_zeros(())
     return reward_range * float(mask.sum(-1).max()) * float(eps_max)
+
+
+def sequence_in_set(in_set, mask):
+    """Whether every real token of a sequence lies in the trainer's safe set: (B, T) -> bool (B,).
+    A sequence holding an out-of-set token has probability 0 under pi_S. The token-level choice
+    (train.py's default) drops only that token from the loss; the sequence-level choice (train.py
+    --out-of-set sequence) drops the whole sequence: loss mask = completion mask & this[:, None]."""
+    return (as_bool_mask(in_set, "in_set") | ~as_bool_mask(mask)).all(-1)
 
 
 # =============================================================================================
@@ -205,25 +233,38 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
 
     logp: trainer log pi_S(y_t) (B, T); engine_logp: log mu_S(y_t) from the engine; mask (B, T)
     0/1: real completion tokens; in_set (B, T): from pruned_logprobs (default: all True);
-    pruned_mass (B, T): adds pruned-mass and bias-bound entries. With r = log pi - log mu over
-    tokens in mask & in_set:
+    pruned_mass (B, T): adds the pruned-mass, bound and kl_k3_all entries. With r = log pi_S - log mu_S
+    over tokens in mask & in_set:
       mismatch_mean / mismatch_max  mean / max |r|
       kl_k3     mean(exp(r) - 1 - r), an estimate of KL(mu || pi) from samples of mu
       chi2      mean(exp(2r)) - 1, an estimate of chi^2(pi || mu) (importance-weight variance)
-      out_of_set_frac  fraction of mask tokens outside the trainer's safe set
+      out_of_set_frac      fraction of mask tokens outside the trainer's safe set
+      seq_out_of_set_frac  fraction of sequences (with a real token) holding at least one of them
       gap_<lo>_<hi> / count_<lo>_<hi>  mean |r| and token count per bucket of pi_S(y_t)
+    and with pruned_mass:
+      pruned_mass_mean / pruned_mass_max  mean / max eps(s) over mask tokens
+      bias_bound        mean over sequences of bias_bound (exact, reward_range * (1 - prod_t Z))
+      bias_bound_sum    mean over sequences of bias_bound_sum (reward_range * sum_t eps)
+      bias_bound_worst  worst_case_bias_bound (reward_range * T * max eps)
+      kl_k3_all  K3 over EVERY mask token with the trainer's unpruned log pi = log pi_S + log(1 - eps)
+                 (exact for in- and out-of-set tokens), against log mu_S: the same token set for any
+                 rho, so comparable across arms (kl_k3 leaves out the out-of-set tokens).
     """
     mask = as_bool_mask(mask)
     in_set = torch.ones_like(mask) if in_set is None else as_bool_mask(in_set, "in_set")
     ok = mask & in_set
     r = (logp.detach().double() - engine_logp.double())[ok]
     n = r.numel()
+    k3 = lambda r: (r.exp() - 1 - r).mean().item() if r.numel() else 0.0  # noqa: E731
+    has_tokens = mask.any(-1)
     out = {
         "mismatch_mean": r.abs().mean().item() if n else 0.0,
         "mismatch_max": r.abs().max().item() if n else 0.0,
-        "kl_k3": (r.exp() - 1 - r).mean().item() if n else 0.0,
+        "kl_k3": k3(r),
         "chi2": ((2 * r).exp().mean() - 1).item() if n else 0.0,
         "out_of_set_frac": (mask & ~in_set).sum().item() / max(mask.sum().item(), 1),
+        "seq_out_of_set_frac": (~sequence_in_set(in_set, mask) & has_tokens).sum().item()
+                               / max(has_tokens.sum().item(), 1),
     }
     p = logp.detach().double()[ok].exp()
     for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):
@@ -232,10 +273,14 @@ def mismatch_stats(logp, engine_logp, mask, in_set=None, pruned_mass=None, rewar
         out[f"count_{lo:g}_{hi:g}"] = float(b.sum())
     if pruned_mass is not None:
         pm = pruned_mass[mask]
+        seqs = has_tokens if has_tokens.any() else torch.ones_like(has_tokens)
         out["pruned_mass_mean"] = pm.mean().item() if pm.numel() else 0.0
         out["pruned_mass_max"] = pm.max().item() if pm.numel() else 0.0
-        out["bias_bound"] = bias_bound(pruned_mass, mask, reward_range).mean().item()
+        out["bias_bound"] = bias_bound(pruned_mass, mask, reward_range)[seqs].mean().item()
+        out["bias_bound_sum"] = bias_bound_sum(pruned_mass, mask, reward_range)[seqs].mean().item()
         out["bias_bound_worst"] = worst_case_bias_bound(pruned_mass, mask, reward_range)
+        log_pi = logp.detach().double() + torch.log1p(-pruned_mass.double().clamp(max=1.0))
+        out["kl_k3_all"] = k3((log_pi - engine_logp.double())[mask])
     return out
 
 

@@ -368,12 +368,10 @@ def _enumerate(V, T, seed, scale):
 
 
 @pytest.mark.parametrize("seed,min_p", [(0, 0.05), (1, 0.2), (2, 0.01), (3, 0.5)])
-def test_bias_bound_holds_exactly_on_an_enumerated_model(seed, min_p):
+def test_exact_bias_bound_is_the_sequence_tv_and_bounds_every_reward(seed, min_p):
     V, T = 4, 4
     seqs, z = _enumerate(V, T, seed, scale=2.5)
     R_min, R_max = -1.0, 2.0
-    R = R_min + (R_max - R_min) * torch.rand(len(seqs), generator=torch.Generator().manual_seed(seed),
-                                             dtype=torch.float64)
     mask = torch.ones(len(seqs), T, dtype=torch.bool)
     plain = dvp.pruned_logprobs(z, seqs, 0.0)
     pruned = dvp.pruned_logprobs(z, seqs, min_p)
@@ -381,22 +379,52 @@ def test_bias_bound_holds_exactly_on_an_enumerated_model(seed, min_p):
     P_S = torch.where(pruned.in_set, pruned.logp, -math.inf).sum(-1).exp()  # P_{pi_S}(y), exact
     torch.testing.assert_close(P.sum(), torch.tensor(1.0, dtype=torch.float64))
     torch.testing.assert_close(P_S.sum(), torch.tensor(1.0, dtype=torch.float64))
-    J, J_S = (P * R).sum(), (P_S * R).sum()
+    tv = 0.5 * (P - P_S).abs().sum()
     per_seq = dvp.bias_bound(pruned.pruned_mass, mask, reward_range=R_max - R_min)
     bound = (P_S * per_seq).sum()                                           # E_{y ~ pi_S}[...]
-    tv = 0.5 * (P - P_S).abs().sum()
-    assert (J_S - J).abs() <= bound + 1e-12, f"|J_S - J| = {(J_S - J).abs():.4g} > bound {bound:.4g}"
-    assert tv <= bound / (R_max - R_min) + 1e-12, f"TV {tv:.4g} exceeds E[sum_t eps]"
-    assert bound < R_max - R_min, "the bound must say more than the trivial |J_S - J| <= R_max - R_min"
+    torch.testing.assert_close(bound, (R_max - R_min) * tv, msg="E_{pi_S}[1 - prod Z] must equal TV exactly")
+    g = torch.Generator().manual_seed(seed)
+    worst_R = torch.where(P_S > P, R_max, R_min)                            # the reward that attains the TV
+    for R in [R_min + (R_max - R_min) * torch.rand(len(seqs), generator=g, dtype=torch.float64) for _ in range(20)]:
+        gap = ((P_S - P) * R).sum().abs()
+        assert gap <= bound + 1e-12, f"|J_S - J| = {gap:.4g} > exact bound {bound:.4g}"
+    torch.testing.assert_close(((P_S - P) * worst_R).sum(), bound, msg="the bound is attained by some reward")
+    assert bool((per_seq <= R_max - R_min).all()) and bool((per_seq >= 0).all())
+    sum_form = (P_S * dvp.bias_bound_sum(pruned.pruned_mass, mask, reward_range=R_max - R_min)).sum()
     worst = dvp.worst_case_bias_bound(pruned.pruned_mass, mask, reward_range=R_max - R_min)
-    assert bound <= worst + 1e-12
+    assert bound < sum_form <= worst + 1e-12, \
+        f"expected exact {bound:.4g} < sum {sum_form:.4g} <= T max eps {worst:.4g}"
 
 
-def test_bias_bound_is_reward_range_times_masked_sum():
-    eps = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.5, 9.0]])
-    mask = torch.tensor([[True, True, False], [True, True, False]])
-    torch.testing.assert_close(dvp.bias_bound(eps, mask, reward_range=2.0), torch.tensor([0.6, 1.0]))
+def test_bias_bound_forms_on_hand_values_and_masks():
+    eps = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.5, 0.9], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False], [True, False, False]])
+    torch.testing.assert_close(dvp.bias_bound(eps, mask, reward_range=2.0),
+                               torch.tensor([2 * (1 - 0.9 * 0.8), 2 * (1 - 1.0 * 0.5), 0.0]))
+    torch.testing.assert_close(dvp.bias_bound_sum(eps, mask, reward_range=2.0), torch.tensor([0.6, 1.0, 0.0]))
     assert dvp.worst_case_bias_bound(eps, mask, reward_range=2.0) == pytest.approx(2.0 * 2 * 0.5)
+
+
+def test_exact_bound_stays_below_the_reward_range_where_the_sum_form_exceeds_it():
+    eps = torch.full((3, 40), 0.05)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[2, 10:] = False
+    exact, total = dvp.bias_bound(eps, mask), dvp.bias_bound_sum(eps, mask)
+    torch.testing.assert_close(exact, torch.tensor([1 - 0.95 ** 40, 1 - 0.95 ** 40, 1 - 0.95 ** 10]))
+    assert total[0] == pytest.approx(2.0) and exact[0] < 1.0, "sum form 2 > R_max - R_min = 1; exact form below 1"
+
+
+def test_exact_bound_is_accurate_for_tiny_pruned_mass_in_float32():
+    eps = torch.full((1, 10), 1e-9, dtype=torch.float32)        # 1 - eps rounds to 1 in float32
+    b = dvp.bias_bound(eps, torch.ones(1, 10, dtype=torch.bool))
+    assert b.item() == pytest.approx(1e-8, rel=1e-4), f"expected ~1e-8 (log space), got {b.item():.3g}"
+
+
+def test_sequence_in_set_requires_every_real_token_in_the_set():
+    in_set = torch.tensor([[True, True, False], [True, False, True], [True, True, True], [False, False, False]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, True, True], [False, False, False]])
+    assert dvp.sequence_in_set(in_set, mask).tolist() == [True, False, True, True], \
+        "padding does not count; one real out-of-set token rejects the sequence"
 
 
 # --- GRPO pieces and the baseline corrections -------------------------------------------------
@@ -699,7 +727,13 @@ def test_mismatch_stats_match_reference():
     assert s["kl_k3"] == pytest.approx((r.exp() - 1 - r).mean().item())
     assert s["chi2"] == pytest.approx(((2 * r).exp().mean() - 1).item())
     assert s["out_of_set_frac"] == pytest.approx((mask & ~in_set).sum().item() / mask.sum().item())
-    assert s["bias_bound"] == pytest.approx((2.0 * (eps * mask).sum(-1)).mean().item())
+    assert s["bias_bound_sum"] == pytest.approx((2.0 * (eps * mask).sum(-1)).mean().item())
+    assert s["bias_bound"] == pytest.approx((2.0 * (1 - torch.where(mask, 1 - eps, 1.0).prod(-1))).mean().item())
+    assert s["bias_bound_worst"] == pytest.approx(2.0 * mask.sum(-1).max().item() * eps[mask].max().item())
+    assert s["pruned_mass_max"] == pytest.approx(eps[mask].max().item())
+    assert s["seq_out_of_set_frac"] == pytest.approx((mask & ~in_set).any(-1).double().mean().item())
+    r_all = (logp + torch.log1p(-eps) - mu)[mask]                  # every real token, unpruned log pi
+    assert s["kl_k3_all"] == pytest.approx((r_all.exp() - 1 - r_all).mean().item())
     assert sum(s[k] for k in s if k.startswith("count_")) == ok.sum().item()
     p = logp[ok].exp()
     b = (p >= 0.1) & (p < 0.5)

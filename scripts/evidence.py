@@ -50,7 +50,8 @@ def tag_of(args):
     """File-name suffix: the long preset, the engine noise, the KV-cache dtype where it is not auto, and
     the engine dtype where it is not bfloat16."""
     dtype = dtype_of(args)
-    return (("-long" if args.preset == "long" else "") + (f"-noise{args.engine_noise:g}" if args.engine_noise else "") +
+    return ((f"-{args.preset}" if args.preset in PRESETS else "") +
+            (f"-noise{args.engine_noise:g}" if args.engine_noise else "") +
             ("" if args.engine_kv_dtype == "auto" else f"-kv{args.engine_kv_dtype}") +
             ("" if dtype == "bfloat16" else f"-{dtype}"))
 
@@ -244,7 +245,9 @@ def plot_mismatch(per_rho, path, regime):
 
 ARMS = {"plain": ("plain GRPO", "0", "none"), "tis": ("TIS (C=2)", "0", "tis"), "mis": ("MIS (C=3)", "0", "mis"),
         "geo": ("geo mask [%g, %g]" % train.GEO_INTERVAL, "0", "geo"), "dvp": ("DVP (rho=1e-3)", "1e-3", "none"),
-        "dvp2": ("DVP (rho=1e-2)", "1e-2", "none")}
+        "dvp2": ("DVP (rho=1e-2)", "1e-2", "none"), "dvp1": ("DVP (rho=0.1)", "0.1", "none"),
+        "dvp2seq": ("DVP-sequence (rho=1e-2)", "1e-2", "none", "sequence"),
+        "dvp1seq": ("DVP-sequence (rho=0.1)", "0.1", "none", "sequence")}
 DEFAULT_ARMS = ["plain", "tis", "mis", "geo", "dvp"]
 
 # --preset long (claim (c) over a longer horizon): the FP8 KV cache, 80 steps, held-out evaluation every 20,
@@ -252,6 +255,14 @@ DEFAULT_ARMS = ["plain", "tis", "mis", "geo", "dvp"]
 # third; so 1e-2 runs second), the bf16 trainer where it is fast (1.8x), at the lr where make train used to fall
 # back (BUDGET). One run takes 10-15 min on 2 cores: 4 arms x 3 seeds took 3 h 02 min, resumable.
 LONG = dict(steps=80, eval_every=20, arms=["plain", "dvp2", "geo", "dvp"], engine_kv_dtype="fp8")
+
+# --preset stress (claim (c) where plain GRPO can break): the long preset's budget with the bf16 KV cache and
+# engine noise delta (--engine-noise: the paper's own assumption, every engine logit off by at most delta),
+# held-out evaluation every 10 steps. `evidence.py sweep` runs plain GRPO on seed 0 at each delta of --deltas
+# first; the regime is chosen on those runs alone, and then `make compare ARGS="--preset stress --engine-noise D"`
+# runs the arms below at that delta (plain GRPO's seed-0 run is the sweep's, reused).
+STRESS = dict(steps=80, eval_every=10, arms=["plain", "dvp1", "dvp", "dvp1seq", "geo", "tis"], engine_kv_dtype="auto")
+PRESETS = {"long": LONG, "stress": STRESS}
 
 # Per-run budget beyond --steps: 4 prompts x 8 samples per step, held-out evaluation at the start
 # and the end only, so that 5 arms x 3 seeds fit in about 90 minutes on a 2-core CPU (each run:
@@ -261,36 +272,90 @@ LONG = dict(steps=80, eval_every=20, arms=["plain", "dvp2", "geo", "dvp"], engin
 BUDGET = ("--prompts-per-step", "4", "--lr", "2e-5")
 
 
-def compare(args):
-    tag = tag_of(args)
-    runs = ROOT / "runs" / f"compare{tag}"
-    t0 = time.time()
+def run_arms(args, runs, t0):
+    """Run (or resume, or skip when finished) train.py for every seed and arm into runs/seedS/ARM/."""
     for seed in args.seeds:
         for arm in args.arms:
-            _, rho, corr = ARMS[arm]
+            _, rho, corr, *rest = ARMS[arm]
             d = runs / f"seed{seed}" / arm
             recs = read(d / "metrics.jsonl")
             if finished(recs, args.steps):
                 continue
             last = train.latest(recs, "train")
             if last and last[-1]["step"] >= 10 and not (d / "checkpoint.pt").exists():
-                raise SystemExit(f"{d} stopped at step {last[-1]['step']} and has no checkpoint (the long preset "
-                                 "deletes a finished run's): it cannot be extended; delete the folder to rerun it")
+                raise SystemExit(f"{d} stopped at step {last[-1]['step']} and has no checkpoint (the long and "
+                                 "stress presets delete a finished run's): it cannot be extended; delete the folder "
+                                 "to rerun it")
             cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(d), "--steps", str(args.steps), "--min-p", rho,
-                   "--correction", corr, "--seed", str(seed), "--engine-noise", str(args.engine_noise),
-                   "--eval-every", str(args.eval_every or args.steps), "--engine-dtype", args.engine_dtype,
-                   "--engine-kv-dtype", args.engine_kv_dtype, *BUDGET, *args.train_args]
+                   "--correction", corr, "--out-of-set", rest[0] if rest else "token", "--seed", str(seed),
+                   "--engine-noise", str(args.engine_noise), "--eval-every", str(args.eval_every or args.steps),
+                   "--engine-dtype", args.engine_dtype, "--engine-kv-dtype", args.engine_kv_dtype, *BUDGET,
+                   *args.train_args]
             if recs:  # train.py refuses other settings; without a checkpoint yet it starts again from step 0
                 cmd.append("--resume")
             print(f"[{time.time() - t0:6.0f} s] seed {seed}, {ARMS[arm][0]}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)
-            if args.preset == "long":                    # the metrics are what the tables read; 1.6 GB each
+            if args.preset in PRESETS:                   # the metrics are what the tables read; 1.6 GB each
                 (d / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def compare(args):
+    tag = tag_of(args)
+    runs = ROOT / "runs" / f"compare{tag}"
+    t0 = time.time()
+    run_arms(args, runs, t0)
     cmd = "make compare" + (f' ARGS="{" ".join(sys.argv[2:])}"' if sys.argv[2:] else "")
     note = (f"`{cmd}`: wall time {(time.time() - t0) / 60:.0f} min on {platform_note()} "
             "(runs that were already complete take seconds; see each run's time_* records).")
     (runs / "note.md").write_text(note + "\n")                   # `evidence.py plot` reuses it
     summarize_compare(args)
+
+
+def sweep(args):
+    """Plain GRPO on each seed of --seeds at each engine noise delta of --deltas (the stress preset's
+    budget), then one table of held-out accuracy over the evaluations per delta: figures/sweep{tag}.md."""
+    t0 = time.time()
+    args.arms = ["plain"]
+    for delta in args.deltas:
+        args.engine_noise = delta
+        run_arms(args, ROOT / "runs" / f"compare{tag_of(args)}", t0)
+    wall = time.time() - t0
+    args.engine_noise = 0.0
+    tag = tag_of(args)
+    lines = sweep_table(args)
+    cmd = "python scripts/evidence.py " + " ".join(sys.argv[1:])
+    lines += ["", f"`{cmd}`: wall time {wall / 60:.0f} min on {platform_note()} (runs already complete take seconds)."]
+    (Path(args.out) / f"sweep{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def sweep_table(args):
+    """Markdown lines: per delta and seed, held-out greedy and sampled accuracy at every evaluation,
+    best-to-end drops, train reward (5-step means) at the start, best and end, and mean K3 KL."""
+    evals = list(range(0, args.steps + 1, args.eval_every))
+    lines = [f"Plain GRPO under engine noise delta, {args.steps} steps x 4 prompts x 8 samples, lr 2e-5, "
+             "bf16 KV cache, bf16 trainer (float32 LM head), "
+             "held-out split by operand pair (64 problems x 4 samples). Accuracy at steps " + ", ".join(map(str, evals))
+             + "; drop = best minus end.", "",
+             "| delta | seed | greedy acc | greedy drop | sampled acc (unpruned) | sampled drop | train reward "
+             "(5-step mean) start / best / end | mean K3 KL, steps 1-10 / 71-80 | minutes |", "|---" * 9 + "|"]
+    for delta in args.deltas:
+        args.engine_noise = delta
+        runs = ROOT / "runs" / f"compare{tag_of(args)}"
+        for seed in args.seeds:
+            recs = read(runs / f"seed{seed}" / "plain" / "metrics.jsonl")
+            if not finished(recs, args.steps):
+                lines.append(f"| {delta:g} | {seed} | (not finished) |||||||")
+                continue
+            tr, ev = train.latest(recs, "train"), train.latest(recs, "eval")
+            g, sa = [e["greedy_acc"] for e in ev], [e["sampled_acc_unpruned"] for e in ev]
+            r = smooth([x["reward"] for x in tr], 5)
+            k3 = lambda xs: sum(x["kl_k3"] for x in xs) / len(xs)  # noqa: E731
+            lines.append(f"| {delta:g} | {seed} | {' '.join(f'{x:.3f}' for x in g)} | {max(g) - g[-1]:.3f} | "
+                         f"{' '.join(f'{x:.3f}' for x in sa)} | {max(sa) - sa[-1]:.3f} | "
+                         f"{r[4]:.3f} / {max(r[4:]):.3f} / {r[-1]:.3f} | {k3(tr[:10]):.1e} / {k3(tr[-10:]):.1e} | "
+                         f"{run_summary(recs)['minutes']:.0f} |")
+    return lines
 
 
 def platform_note():
@@ -354,7 +419,7 @@ def compare_table(args, runs):
     lines, {arm: its finished runs' records}). The title takes the regime from the runs' args.json."""
     seeds_done = seeds_on_disk(runs)
     columns = COLUMNS
-    if args.preset == "long":   # held-out accuracy at every evaluation, and its largest fall from the best
+    if args.preset in PRESETS:   # held-out accuracy at every evaluation, and its largest fall from the best
         evals = range(args.eval_every, args.steps + 1, args.eval_every)
         columns = ([(f"acc@{s}", f"held-out acc step {s}", ".3f") for s in evals]
                    + [("eval_drop", "held-out best-to-end drop", ".3f")] + COLUMNS[2:])
@@ -410,7 +475,7 @@ def summarize_compare(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    k = 5 if args.preset == "long" else 1      # 80 noisy steps: every train-side panel as a trailing 5-step mean
+    k = 5 if args.preset in PRESETS else 1      # 80 noisy steps: every train-side panel as a trailing 5-step mean
     per = f" ({k}-step mean)" if k > 1 else ""
     panels = [("reward", f"train reward ({max(k, 3)}-step mean)"),
               ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm" + per),
@@ -448,7 +513,7 @@ def summarize_compare(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["mismatch", "compare", "plot"])
+    p.add_argument("what", choices=["mismatch", "compare", "plot", "sweep"])
     p.add_argument("--engine-noise", type=float, default=0.0,
                    help="delta of the engine logit noise (train.py --engine-noise)")
     p.add_argument("--engine-dtype", default="auto",
@@ -460,21 +525,25 @@ def main():
     p.add_argument("--n", type=int, default=4, help="mismatch: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="mismatch: completion length cap")
     p.add_argument("--rhos", type=float, nargs="+", default=list(RHOS), help="mismatch: the rho values (0 must be one)")
-    p.add_argument("--preset", choices=["short", "long"], default="short",
-                   help="compare: short = 15 steps, 5 arms, evaluation at the start and the end; long = " + str(LONG))
+    p.add_argument("--preset", choices=["short", "long", "stress"], default="short",
+                   help="compare: short = 15 steps, 5 arms, evaluation at the start and the end; long = " + str(LONG)
+                   + "; stress = " + str(STRESS) + " (sweep: always stress)")
+    p.add_argument("--deltas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
+                   help="sweep: the engine noise deltas, plain GRPO at each")
     p.add_argument("--steps", type=int, default=None, help="compare: steps per run (default: the preset's)")
     p.add_argument("--eval-every", type=int, default=None, help="compare: held-out evaluation every this many steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="compare: seeds; every arm runs with each")
     p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="compare: arms (default: the preset's)")
     args, args.train_args = p.parse_known_args()
-    if args.train_args and args.what != "compare":
+    if args.train_args and args.what not in ("compare", "sweep"):
         p.error(f"unrecognized arguments: {' '.join(args.train_args)}")
-    preset = LONG if args.preset == "long" else dict(steps=15, eval_every=None, arms=DEFAULT_ARMS,
-                                                     engine_kv_dtype="auto")
+    if args.what == "sweep":
+        args.preset = "stress"
+    preset = PRESETS.get(args.preset, dict(steps=15, eval_every=None, arms=DEFAULT_ARMS, engine_kv_dtype="auto"))
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.preset == "long" and "--trainer-dtype" not in args.train_args and (DEVICE.type == "cuda" or
+    if args.preset in PRESETS and "--trainer-dtype" not in args.train_args and (DEVICE.type == "cuda" or
                                                                                 train.fast_cpu_bf16()):
         args.train_args += ["--trainer-dtype", "bfloat16"]
     if 0.0 not in args.rhos:
@@ -484,6 +553,8 @@ def main():
         mismatch(args)
     elif args.what == "compare":
         compare(args)
+    elif args.what == "sweep":
+        sweep(args)
     else:  # re-draw the compare table and figure from the runs on disk
         summarize_compare(args)
 
