@@ -298,17 +298,21 @@ def greedy_with_strays(model, G):
     return out
 
 
-@pytest.mark.parametrize("correction", ["none", "tis", "mis", "geo"])
-def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_batch(tiny_model, correction):
+@pytest.mark.parametrize("correction,out_of_set", [("none", "token"), ("tis", "token"), ("mis", "token"),
+                                                    ("geo", "token"), ("none", "sequence"), ("geo", "sequence")])
+def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_batch(tiny_model, correction,
+                                                                                       out_of_set):
     """train.policy_gradient (phase 4) over micro-batches of whole groups gives the gradient of one
     loss over the whole batch: sum over real, in-set tokens of w A log pi_S, divided by every real
     completion token (out-of-set ones included), w the correction's weight; out-of-set tokens
-    leave the loss. The reference is written out from full-sequence logits."""
+    leave the loss (--out-of-set sequence: their whole sequence does). The reference is written out
+    from full-sequence logits."""
     import train
     from transformers import AutoModelForCausalLM
     min_p, temp, G = 0.05, 0.7, 2
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     COMPLETIONS = greedy_with_strays(ref_model, G)
+    COMPLETIONS[0] = COMPLETIONS[0][:2]                     # greedy tokens only: a sequence without an out-of-set token
     B, T = len(COMPLETIONS), max(map(len, COMPLETIONS))
     logp, in_set = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.bool)
     completion_mask = torch.zeros(B, T, dtype=torch.bool)
@@ -323,17 +327,23 @@ def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_
         rows.append(lp)
         in_set[i, :len(c)], completion_mask[i, :len(c)] = inside, True
     logp = torch.stack([torch.cat([r, r.new_zeros(T - len(r))]) for r in rows])        # (B, T), differentiable
-    offsets = torch.tensor([0.0, 0.3, 0.3, -0.8, 0.05, 0.0], dtype=torch.float64)      # log mu - log pi per sequence
+    # log mu - log pi per sequence; those the geo mask keeps lie >= 0.05 inside its interval (log 0.9, log 1.1),
+    # so that the bf16 trainer's error (up to ~0.06 nats per token for this random model) keeps them there
+    offsets = torch.tensor([0.0, 0.3, 0.3, -0.8, -0.04, 0.0], dtype=torch.float64)
     engine_logp = torch.where(completion_mask, logp.detach() + offsets[:, None], 0.0).float()
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     loss_mask = completion_mask & in_set
     assert loss_mask.any() and (completion_mask & ~in_set).any(), "the batch should hold out-of-set tokens"
+    seq_ok = ~(completion_mask & ~in_set).any(-1)                          # no out-of-set token in the sequence
+    assert 0 < int(seq_ok.sum()) < B, "some sequences should hold an out-of-set token, others not"
+    if out_of_set == "sequence":
+        loss_mask = loss_mask & seq_ok[:, None]
     w = {"none": torch.ones(B, T, dtype=torch.float64),
          "tis": torch.exp(logp.detach() - engine_logp).clamp(max=2.0),                   # exp(0.8) > 2: capped
          "mis": dvp.mis_mask(logp, engine_logp, loss_mask).double()[:, None].expand(B, T),
          "geo": dvp.geo_mask(logp, engine_logp, loss_mask, *train.GEO_INTERVAL).double()[:, None].expand(B, T),
          }[correction]
-    if correction in ("mis", "geo"):
+    if correction in ("mis", "geo") and out_of_set == "token":   # sequence: out-of-set ones left, all in [lo, hi]
         assert 0 < int((w[:, 0] == 0).sum()) < B, "the test should drop some sequences and keep others"
     loss = -(advantages[:, None] * w * logp)[loss_mask].sum() / completion_mask.sum()
     loss.backward()
@@ -341,12 +351,14 @@ def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_
                 for i, c in enumerate(COMPLETIONS)]
     for micro_batch in (2, 4, 6):                           # 3, 2 and 1 micro-batches (2, 2 + 1, 3 groups)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        args = train.Args(group_size=G, micro_batch=micro_batch, min_p=min_p, temperature=temp, correction=correction)
+        args = train.Args(group_size=G, micro_batch=micro_batch, min_p=min_p, temperature=temp, correction=correction,
+                          out_of_set=out_of_set)
         loss_sum, log = train.policy_gradient(model, model, rollouts, advantages, completion_mask,
                                               engine_logp, args)
         assert log.error is None and log.done.all()
         assert loss_sum == pytest.approx(loss.item(), rel=1e-4, abs=1e-7)
-        assert log.rejected == int((w[:, 0] == 0).sum())
+        dropped = (w[:, 0] == 0) | (~seq_ok if out_of_set == "sequence" else torch.zeros(B, dtype=torch.bool))
+        assert log.rejected == int(dropped.sum()), "sequences dropped by the correction or for an out-of-set token"
         assert torch.equal(log.lp.in_set, in_set)
         for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
             scale = float(b.grad.abs().max())             # float32 model vs float64 softmax: ~1e-4 of the largest
@@ -356,7 +368,8 @@ def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_
     # in the copy; bf16 keeps ~3 significant digits: compare the direction of the whole gradient (cosine 0.99 here)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     low = train.compute_copy(model, torch.bfloat16)
-    args = train.Args(group_size=G, micro_batch=2, min_p=min_p, temperature=temp, correction=correction)
+    args = train.Args(group_size=G, micro_batch=2, min_p=min_p, temperature=temp, correction=correction,
+                      out_of_set=out_of_set)
     train.policy_gradient(model, low, rollouts, advantages, completion_mask, engine_logp, args)
     assert all(q.grad is None for q in low.parameters())
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -428,6 +441,88 @@ def test_micro_batches_hold_whole_groups_and_cover_the_batch():
         assert covered == list(range(n))
         assert all((s.start % G == 0) and (len(range(n)[s]) % G == 0) for s in parts)
         assert all(len(range(n)[s]) <= max(micro, G) for s in parts)
+
+
+def test_no_held_out_problem_has_its_commutative_twin_in_training():
+    import train
+    key = lambda q: (q.split()[3], frozenset(q[len("What is "):-1].split()[::2]))   # noqa: E731 (op, {a, b})
+    train_set, heldout = train.arithmetic_task()
+    assert len(heldout) == 64 and len(train_set) + len(heldout) == 505
+    assert {q for q, _ in train_set}.isdisjoint({q for q, _ in heldout})
+    leaks = [q for q, _ in heldout if key(q) in {key(p) for p, _ in train_set}]
+    assert not leaks, f"held-out problems whose twin is in training: {leaks[:5]}"
+    assert train.arithmetic_task() == (train_set, heldout), "the split is fixed"
+    old_train, old_heldout = train.arithmetic_task("string")   # the older split, kept for the runs made with it
+    assert sum(key(q) in {key(p) for p, _ in old_train} for q, _ in old_heldout) == 57
+
+
+def test_a_run_resumes_with_the_held_out_split_it_was_made_with(tmp_path):
+    import json
+    import train
+    for saved, want in (({"lr": 1e-5}, "string"), ({"lr": 1e-5, "heldout_split": "pair"}, "pair")):
+        (tmp_path / "args.json").write_text(json.dumps(saved))
+        (tmp_path / "checkpoint.pt").write_bytes(b"")
+        args = train.Args(out=str(tmp_path), resume=True, heldout_split="pair")
+        train.run_state(args)
+        assert args.heldout_split == want, f"args.json {saved}: the run's split is {want}"
+
+
+@pytest.mark.parametrize("config", ["gemma2", "cohere", "granite", "llama"])
+def test_heads_that_scale_or_cap_the_logits_are_refused(config):
+    """vLLM applies soft-capping and logit scaling (LogitsProcessor(scale=..., soft_cap=...)); train.py's
+    head is hidden @ W.T: such a model must be refused, not trained with pi != mu by construction."""
+    import train
+    import transformers as tf
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    cfg = {"gemma2": lambda: tf.Gemma2Config(final_logit_softcapping=30.0, **small),
+           "cohere": lambda: tf.CohereConfig(logit_scale=0.0625, **small),
+           "granite": lambda: tf.GraniteConfig(logits_scaling=8.0, **small),
+           "llama": lambda: tf.LlamaConfig(**small)}[config]()
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    problem = train.unsupported_head(model)
+    if config == "llama":
+        assert problem is None
+    else:
+        key = {"gemma2": "final_logit_softcapping", "cohere": "logit_scale", "granite": "logits_scaling"}[config]
+        assert problem and key in problem, f"{config}: {problem!r}"
+    if config == "granite":                                   # its default, 1.0, changes nothing
+        assert train.unsupported_head(tf.AutoModelForCausalLM.from_config(tf.GraniteConfig(**small))) is None
+
+
+def test_the_trainer_computes_pi_without_dropout(tmp_path):
+    """A model configured with dropout: policy_gradient's log-probs must not depend on the draw (the
+    engine samples without dropout), even when the model was left in training mode."""
+    import train
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.5))
+    model.train()
+    rollouts = [train.Rollout([1, 2, 3], [4, 5, 6, 7], [-1.0] * 4, ""),
+                train.Rollout([1, 2, 3], [8, 9], [-1.0] * 2, "")]
+    completion_mask, engine_logp = train.pad_rollouts(rollouts, "cpu")
+    args = train.Args(group_size=2, micro_batch=2, min_p=0.0)
+    runs = [train.policy_gradient(model, model, rollouts, torch.tensor([1.0, -1.0]), completion_mask, engine_logp,
+                                  args)[1].lp.logp for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]), "dropout changed the trainer's log-probs between two identical calls"
+
+
+def test_the_bf16_trainers_lm_head_runs_in_float32(tiny_model):
+    """With a bf16 model the log-probs come from float32 logits (hidden states and head cast up), so they
+    equal the float32 computation on the same bf16 hidden states and bf16 weights to float32 precision."""
+    import train
+    from transformers import AutoModelForCausalLM
+    low = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    prompts, completions = [PROMPTS[0]], COMPLETIONS[:2]
+    lp, _ = train.trainer_logprobs(low, prompts, completions, 2, 0.0)
+    with torch.no_grad():
+        h = train.completion_hidden(low, prompts, completions, 2)                 # bf16 (2, T, D)
+        z = h.float() @ low.get_output_embeddings().weight.float().T              # float32 logits
+        tokens, mask = train.pad(completions, 0)
+        want = torch.where(mask, z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1), 0.0)
+    torch.testing.assert_close(lp.logp.detach(), want, rtol=0, atol=1e-5,
+                               msg="bf16 logits would differ by ~1e-2 here: the head must run in float32")
 
 
 def read_jsonl(path):

@@ -819,10 +819,10 @@ def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature
         raise FloatingPointError("the trainer's hidden states contain NaN or inf")
     # The LM head in float32 whatever the model's dtype: bf16 logits would be rounded by up to ~0.06
     # nats at logit sizes 16-32, as large as the tail gap we measure. The weight keeps its gradient.
-    h, head = h.float(), model.get_output_embeddings().weight                           # (N, D), (V, D)
+    h, head = h.to(torch.promote_types(h.dtype, torch.float32)), model.get_output_embeddings().weight  # (N, D), (V, D)
     res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
     with torch.no_grad():
-        set_size = dvp.safe_mask(h[:256] @ head.float().T, min_p).sum(-1).float().mean().item()
+        set_size = dvp.safe_mask(h[:256] @ head.to(h.dtype).T, min_p).sum(-1).float().mean().item()
     full = dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask))
     return full, set_size
 

@@ -80,9 +80,11 @@ def saved_settings(runs):
     return found[0] if found else {}
 
 
-def measure(rho, llm, tok, model, prompts, n, max_tokens):
-    """Sample at min_p = rho; return the sampled tokens' trainer and engine log-probs, flat."""
+def measure(rho, llm, tok, model, prompts, n, max_tokens, answers):
+    """Sample at min_p = rho; return the sampled tokens' trainer and engine log-probs, flat, and each
+    problem's accuracy over its n samples ("acc", one per prompt)."""
     rollouts = train.generate(llm, prompts, n=n, temperature=1.0, min_p=rho, max_tokens=max_tokens)
+    acc = torch.tensor(train.score([r.text for r in rollouts], [a for a in answers for _ in range(n)])).view(-1, n)
     cols = {k: [] for k in ("logp", "plain", "engine", "in_set", "pruned_mass", "seq")}
     with torch.no_grad():
         for g in range(0, len(prompts), 8):  # 8 prompts (8 * n sequences) per forward
@@ -95,7 +97,7 @@ def measure(rho, llm, tok, model, prompts, n, max_tokens):
                 cols[k].append(x.cpu()[m])
             cols["engine"].append(torch.tensor([lp for r in rs for lp in r.engine_logp]))
             cols["seq"].append(torch.arange(g * n, g * n + len(rs)).repeat_interleave(m.sum(-1)))
-    return {k: torch.cat(v) for k, v in cols.items()}
+    return {**{k: torch.cat(v) for k, v in cols.items()}, "acc": acc.double().mean(1)}
 
 
 def mismatch(args):
@@ -112,7 +114,7 @@ def mismatch(args):
     train.sync_weights(llm, model)
     t0, rows, per_rho, drift = time.time(), [], {}, {}
     for rho in args.rhos:
-        d = measure(rho, llm, tok, model, prompts, args.n, args.max_new_tokens)
+        d = measure(rho, llm, tok, model, prompts, args.n, args.max_new_tokens, [a for _, a in heldout[:args.prompts]])
         # per-sequence (B, T) views for mismatch_stats: one row per sequence
         B = int(d["seq"].max()) + 1
         T = int(torch.bincount(d["seq"]).max())
@@ -133,6 +135,9 @@ def mismatch(args):
         s["mis_rejected"] = float((~dvp.mis_mask(logp, engine, ok, cap=3.0)).double().mean())
         drift[rho] = cumulative_log_ratio(grid(d["engine"].double() - d["logp"].double()), mask,
                                           grid(d["in_set"], False))
+        diff = d["acc"] - per_rho[0.0]["acc"] if 0.0 in per_rho else torch.zeros_like(d["acc"])  # rho = 0 runs first
+        s["acc"], s["bias_measured"], s["bias_measured_se"] = (float(d["acc"].mean()), float(diff.mean()),
+                                                               float(diff.std() / len(diff) ** 0.5))
         rows.append((rho, s, len(d["logp"])))
         print(f"rho={rho:g}: {len(d['logp'])} tokens, K3 KL {s['kl_k3']:.2e}, "
               f"out-of-set {s['out_of_set_frac']:.2e}", flush=True)
@@ -140,20 +145,24 @@ def mismatch(args):
     buckets = [f"{lo:g}_{hi:g}" for lo, hi in zip(dvp.BUCKETS[:-1], dvp.BUCKETS[1:])]
     cmd = "make mismatch" + (f' ARGS="{" ".join(sys.argv[2:])}"' if sys.argv[2:] else "")
     lines = [f"`{cmd}`: mismatch between {regime_of(args)}, SmolLM2-135M-Instruct, "
-             f"{len(prompts)} prompts x {args.n} samples x <= {args.max_new_tokens} tokens. "
+             f"{len(prompts)} held-out prompts (split by operand pair) x {args.n} samples x <= {args.max_new_tokens} "
+             "tokens. "
              f"Wall time {wall:.0f} s (sampling and trainer log-probs, engine start excluded).", "",
              "mean \\|log pi_S - log mu_S\\| by trainer probability bucket (token count in brackets), "
              "then the summary statistics:", "",
              "| rho | tokens | " + " | ".join(f"p in [{b.replace('_', ', ')})" for b in buckets)
-             + " | max | K3 KL | chi2 | out-of-set | mean eps | bias bound/seq "
+             + " | max | K3 KL | chi2 | out-of-set tokens / seqs with one | mean eps | bias bound/seq exact / sum "
+             "| held-out acc (minus at rho = 0, +- s.e.) "
              f"| seqs rejected by geo {list(train.GEO_INTERVAL)} / by MIS (C=3) | "
              "geo statistic exp(mean log mu - log pi), quantiles 5/25/50/75/95 % |",
-             "|---" * (len(buckets) + 10) + "|"]
+             "|---" * (len(buckets) + 11) + "|"]
     for rho, s, n in rows:
         cells = [f"{s['gap_' + b]:.4f} ({int(s['count_' + b])})" if s['count_' + b] else "-" for b in buckets]
         lines.append(f"| {rho:g} | {n} | " + " | ".join(cells)
                      + f" | {s['mismatch_max']:.3f} | {s['kl_k3']:.2e} | {s['chi2']:.2e} | "
-                     f"{s['out_of_set_frac']:.2e} | {s['pruned_mass_mean']:.2e} | {s['bias_bound']:.3f} | "
+                     f"{s['out_of_set_frac']:.2e} / {s['seq_out_of_set_frac']:.3f} | {s['pruned_mass_mean']:.2e} | "
+                     f"{s['bias_bound']:.3f} / {s['bias_bound_sum']:.3f} | "
+                     f"{s['acc']:.3f} ({s['bias_measured']:+.3f} +- {s['bias_measured_se']:.3f}) | "
                      f"{s['geo_rejected']:.3f} / {s['mis_rejected']:.3f} | "
                      f"{' '.join(f'{q:.3f}' for q in s['geo_q'])} |")
     table = "\n".join(lines)
@@ -383,9 +392,13 @@ def run_summary(recs):
             "start_acc": ev[0].get("sampled_acc_unpruned", ev[0]["sampled_acc"]),
             "reward_drop": max(r[2:]) - r[-1],  # best from the first full 3-step window on
             "peak_grad_norm": max(x["grad_norm"] for x in tr), "kl_k3": mean("kl_k3"),
-            "bias_bound": mean("bias_bound"), "rejected": mean("seq_rejected_frac"),
-            "out_of_set": mean("out_of_set_frac"),
-            "minutes": sum(x["time_generate"] + x["time_train"] + x["time_sync"] for x in tr) / 60}
+            "rejected": mean("seq_rejected_frac"), "out_of_set": mean("out_of_set_frac"),
+            "minutes": sum(x["time_generate"] + x["time_train"] + x["time_sync"] for x in tr) / 60,
+            # runs before 2026-12-03 logged the sum form as bias_bound and had neither the exact form nor kl_k3_all
+            **({"bias_bound": mean("bias_bound"), "bias_bound_sum": mean("bias_bound_sum")}
+               if "bias_bound_sum" in tr[-1] else {"bias_bound_sum": mean("bias_bound")}),
+            **({"kl_k3_all": mean("kl_k3_all")} if "kl_k3_all" in tr[-1] else {}),
+            **({k: ev[-1][k] for k in ("bias_measured", "heldout_bias_bound") if k in ev[-1]})}
 
 
 def finished(recs, steps):
@@ -410,8 +423,11 @@ def interval(xs):
 
 COLUMNS = [("unpruned_acc", "held-out sampled acc at the end, unpruned sampler", ".3f"),
            ("sampled_acc", "same, own sampler", ".3f"), ("reward_drop", "train reward best-to-end drop", ".3f"),
-           ("peak_grad_norm", "peak grad norm", ".2f"), ("kl_k3", "mean K3 KL", ".1e"),
-           ("bias_bound", "mean bias bound", ".3f"), ("rejected", "sequences rejected", ".3f")]
+           ("peak_grad_norm", "peak grad norm", ".2f"), ("kl_k3", "mean K3 KL (in-set tokens)", ".1e"),
+           ("kl_k3_all", "mean K3 KL (all tokens, unpruned log pi)", ".1e"),
+           ("bias_bound", "mean bias bound (exact)", ".3f"), ("bias_bound_sum", "mean bias bound (sum form)", ".3f"),
+           ("bias_measured", "held-out acc at rho minus at 0, end", "+.3f"),
+           ("heldout_bias_bound", "its exact bound, end", ".3f"), ("rejected", "sequences rejected", ".3f")]
 
 
 def compare_table(args, runs):
@@ -426,7 +442,7 @@ def compare_table(args, runs):
     lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in columns) + " | minutes per run (steps only) |",
              "|---" * (len(columns) + 4) + "|"]
     done = {}
-    for arm, (name, _, _) in ARMS.items():
+    for arm, (name, *_) in ARMS.items():
         by_seed = {s: read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done}
         by_seed = {s: r for s, r in by_seed.items() if finished(r, args.steps)}
         if not by_seed:
@@ -479,7 +495,8 @@ def summarize_compare(args):
     per = f" ({k}-step mean)" if k > 1 else ""
     panels = [("reward", f"train reward ({max(k, 3)}-step mean)"),
               ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm" + per),
-              ("kl_k3", "K3 KL(mu || pi)" + per), ("bias_bound", "bias bound per sequence" + per),
+              ("kl_k3", "K3 KL(mu || pi)" + per), ("bias_bound", "bias bound per sequence" + per
+                                                                  + "\n(exact; sum form before 2026-12-03)"),
               ("seq_rejected_frac", "sequences rejected (mis, geo)" + per)]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for arm, by_seed in done.items():
@@ -548,6 +565,7 @@ def main():
         args.train_args += ["--trainer-dtype", "bfloat16"]
     if 0.0 not in args.rhos:
         p.error("--rhos must include 0 (the unpruned reference)")
+    args.rhos = sorted(args.rhos)             # rho = 0 first: the others' accuracy is measured against it
     Path(args.out).mkdir(exist_ok=True)
     if args.what == "mismatch":
         mismatch(args)
