@@ -204,15 +204,11 @@ def tis_weights(logp, engine_logp, cap=2.0):
 
 
 def seq_reject_mask(logp, engine_logp, mask, cap=3.0):
-    """verl's sequence-level rejection sampling (rollout_rs="seq_sum_k1", rollout_rs_threshold=cap;
-    verl/trainer/ppo/rollout_corr_helper.py, compute_rollout_rejection_mask): keep a sequence when
-    exp(sum over its masked tokens of log mu - log pi) lies in [1/cap, cap], both ends inclusive
-    (a single threshold C means [1/C, C]: _parse_rollout_rs_thresholds); as verl, each token's
-    log-ratio is clamped to [-20, 20]. A hard filter: kept sequences get weight 1. (B, T) -> bool (B,).
-    Not TRL's vllm_importance_sampling_mode="sequence_mask" (its default), which multiplies the
-    loss by the sequence ratio pi / mu and zeroes only ratios above the cap (below it only if
-    vllm_importance_sampling_clip_min is set): trl/trainer/grpo_trainer.py,
-    _generate_and_score_completions and _compute_loss."""
+    """verl's sequence-level rejection (rollout_rs="seq_sum_k1", threshold cap: verl/trainer/ppo/
+    rollout_corr_helper.py, compute_rollout_rejection_mask): keep a sequence when exp(sum over its masked
+    tokens of log mu - log pi), each term clamped to [-20, 20] as verl, lies in [1/cap, cap], ends included.
+    A hard filter (weight 1 if kept). Not TRL's default sequence_mask, which weights the loss by the ratio
+    pi/mu and zeroes only ratios above cap (trl/trainer/grpo_trainer.py). (B, T) -> bool (B,)."""
     k1 = -(logp.detach() - engine_logp).clamp(-20.0, 20.0)                # log mu - log pi
     stat = torch.where(as_bool_mask(mask), k1, 0.0).sum(-1)
     return (stat >= math.log(1.0 / cap)) & (stat <= math.log(cap))
