@@ -429,7 +429,7 @@ def compare_table(args, runs):
     lines = ["| arm | seeds | start acc | " + " | ".join(c[1] for c in columns) + " | minutes per run (steps only) |",
              "|---" * (len(columns) + 4) + "|"]
     done = {}
-    for arm, (name, _, _) in ARMS.items():
+    for arm, (name, *_) in ARMS.items():
         by_seed = {s: read(runs / f"seed{s}" / arm / "metrics.jsonl") for s in seeds_done}
         by_seed = {s: r for s, r in by_seed.items() if finished(r, args.steps)}
         if not by_seed:
