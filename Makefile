@@ -52,7 +52,7 @@ $(VENV)/.plot: $(STAMP)
 mismatch: $(VENV)/.plot  ## engine vs trainer log-prob gap by token probability, per rho (figures/)
 	$(BIN)/python scripts/evidence.py mismatch $(ARGS)
 
-compare: $(VENV)/.plot  ## plain GRPO vs TIS vs MIS vs geo mask vs DVP, 3 seeds each, plotted (figures/)
+compare: $(VENV)/.plot  ## plain GRPO vs TIS vs seq-RS vs geo mask vs DVP, 3 seeds each, plotted (figures/)
 	$(BIN)/python scripts/evidence.py compare $(ARGS)
 
 sweep: $(VENV)/.plot  ## plain GRPO at engine noise delta 0 1 2 4, seed 0, 80 steps: where does it break? (figures/)

@@ -44,7 +44,8 @@ Paper -> code (dims: B sequences, T positions, V vocabulary, D hidden size, N = 
     m_{i,t} (real completion tokens in the trainer's set) -> the loss `mask`
 
 The file has three parts. 1: the method as stated above, in plain differentiable torch.
-2: the corrections other frameworks use instead (TIS, MIS, verl's Geo-RS), and the diagnostics.
+2: the corrections other frameworks use instead (TIS, verl's sequence-level and geometric-mean
+rejection), and the diagnostics.
 3: the fast path, what a trainer calls: `pruned_logprobs` and `pruned_logprobs_from_hidden`
 compute exactly `pruned_logprobs_plain` (test_dvp.py checks values, sets, pruned mass and
 gradients) in row blocks, without (N, V) temporaries, and take mask replay.
@@ -53,7 +54,7 @@ Beyond the abstract (our choices, say so when you cite them):
 - the sequence-level bounds above and the per-token bound 2*delta*(1 - min(pi, mu));
 - what to do with out-of-set tokens (token- or sequence-level; `sequence_in_set`);
 - token-level loss normalisation, a PPO-clipped ratio when old log-probs are given, and the
-  TIS / MIS / geometric-mean corrections of other frameworks, for comparison only;
+  TIS and the sequence-level / geometric-mean rejection of other frameworks, for comparison only;
 - mask replay (`keep=`): the trainer renormalises over the set the sampler kept instead of its
   own (the frameworks' "keep sampling mask");
 - the fast path (a memory and speed optimisation, not part of the method);
@@ -132,7 +133,7 @@ def grpo_loss(logp, advantages, mask, *, old_logp=None, clip_eps=0.2, weights=No
 
     logp (B, T) from pruned_logprobs; advantages (B,); mask (B, T) 0/1 (bool, int or float): real
     completion tokens that are also in the trainer's safe set (completion mask & in_set).
-    weights (B, T) or (B,): optional detached per-token / per-sequence factors (tis_weights, mis_mask).
+    weights (B, T) or (B,): optional detached per-token / per-sequence factors (tis_weights, seq_reject_mask).
     n, the denominator: mask.sum() by default. num_tokens replaces it when this call sees one
     micro-batch of a larger batch: train.py passes the number of real completion tokens of the
     whole batch, out-of-set ones included, because it must be known before the first micro-batch's
@@ -202,11 +203,15 @@ def tis_weights(logp, engine_logp, cap=2.0):
     return torch.exp(logp.detach() - engine_logp).clamp(max=cap)
 
 
-def mis_mask(logp, engine_logp, mask, cap=3.0):
-    """Sequence-level masked importance sampling (TRL sequence_mask): keep a sequence when
-    exp(sum_t log pi - log mu) lies in [1/cap, cap]. (B, T) -> bool (B,)."""
-    log_ratio = torch.where(as_bool_mask(mask), logp.detach() - engine_logp, 0.0).sum(-1)
-    return log_ratio.abs() <= math.log(cap)
+def seq_reject_mask(logp, engine_logp, mask, cap=3.0):
+    """verl's sequence-level rejection (rollout_rs="seq_sum_k1", threshold cap: verl/trainer/ppo/
+    rollout_corr_helper.py, compute_rollout_rejection_mask): keep a sequence when exp(sum over its masked
+    tokens of log mu - log pi), each term clamped to [-20, 20] as verl, lies in [1/cap, cap], ends included.
+    A hard filter (weight 1 if kept). Not TRL's default sequence_mask, which weights the loss by the ratio
+    pi/mu and zeroes only ratios above cap (trl/trainer/grpo_trainer.py). (B, T) -> bool (B,)."""
+    k1 = -(logp.detach() - engine_logp).clamp(-20.0, 20.0)                # log mu - log pi
+    stat = torch.where(as_bool_mask(mask), k1, 0.0).sum(-1)
+    return (stat >= math.log(1.0 / cap)) & (stat <= math.log(cap))
 
 
 def geo_mask(logp, engine_logp, mask, lo=0.999, hi=1.001):

@@ -489,22 +489,52 @@ def test_num_tokens_makes_micro_batches_add_up_to_the_full_batch():
     torch.testing.assert_close(parts, full)
 
 
-def test_tis_weights_and_mis_mask_match_reference():
+def test_tis_weights_and_seq_reject_mask_match_reference():
     logp = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.1, 0.1]]))
     mu = torch.log(torch.tensor([[0.1, 0.4, 0.9], [0.1, 0.1, 0.9]]))
     torch.testing.assert_close(dvp.tis_weights(logp, mu, cap=2.0), torch.tensor([[2.0, 0.5, 1.0], [1.0, 1.0, 1 / 9]]))
     mask = torch.ones(2, 3, dtype=torch.bool)
     # sequence ratios: 5 * 0.5 * 1 = 2.5 (kept at C=3), 1/9 (dropped)
-    assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, False]
+    assert dvp.seq_reject_mask(logp, mu, mask, cap=3.0).tolist() == [True, False]
     mask[1, 2] = False                                                  # masked tokens do not count
-    assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, True]
+    assert dvp.seq_reject_mask(logp, mu, mask, cap=3.0).tolist() == [True, True]
 
 
-def test_mis_keeps_a_sequence_whose_ratio_is_exactly_at_the_cap():
+def test_seq_reject_keeps_a_sequence_whose_ratio_is_exactly_at_either_bound():
     logp = torch.tensor([[math.log(3.0), 0.0], [-math.log(3.0), 0.0], [math.log(3.0) + 1e-9, 0.0]],
                         dtype=torch.float64)
     mu, mask = torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.bool)
-    assert dvp.mis_mask(logp, mu, mask, cap=3.0).tolist() == [True, True, False], "ratio in [1/C, C], ends included"
+    got = dvp.seq_reject_mask(logp, mu, mask, cap=3.0).tolist()
+    assert got == [True, True, False], f"ratio in [1/C, C], ends included; got {got}"
+
+
+def verl_seq_sum_k1(logp, engine_logp, mask, cap):
+    """verl 0.9.1's rollout rejection with rollout_rs="seq_sum_k1" and rollout_rs_threshold=cap
+    (compute_rollout_rejection_mask in verl/trainer/ppo/rollout_corr_helper.py), written out: token_k1 =
+    -clamp(old_log_prob - rollout_log_prob, -20, 20), summed over the response mask; a single threshold
+    C gives the bounds [1/C, C] (_parse_rollout_rs_thresholds), compared in log space, ends included."""
+    token_k1 = -torch.clamp(logp - engine_logp, min=-20.0, max=20.0)
+    stat = (token_k1 * mask).sum(-1)
+    return (stat >= math.log(1.0 / cap)) & (stat <= math.log(cap))
+
+
+def test_seq_reject_mask_is_verls_seq_sum_k1():
+    g = torch.Generator().manual_seed(13)
+    logp = torch.log(torch.rand(400, 30, generator=g, dtype=torch.float64).clamp_min(1e-4))
+    mu = logp + 0.02 + 0.15 * torch.randn(400, 30, generator=g, dtype=torch.float64)  # an engine biased upwards
+    mu[0] = logp[0]
+    mu[0, :2] += torch.tensor([60.0, -40.0], dtype=torch.float64)     # sum 20, clamped to +20 - 20 = 0: kept, as verl
+    mask = torch.rand(400, 30, generator=g) > 0.3
+    mask[0, :2] = True
+    mask[1] = False                                                                     # an empty sequence: kept
+    for cap in (3.0, 2.0, 1.5):
+        got, ref = dvp.seq_reject_mask(logp, mu, mask, cap), verl_seq_sum_k1(logp, mu, mask.double(), cap)
+        assert torch.equal(got, ref), f"{(got != ref).sum()} sequences differ from verl at cap {cap}"
+        assert got.any() and not got.all(), "the test should keep some sequences and drop others"
+    assert bool(got[0]) and bool(got[1]), "a clamped token pair and an empty sequence are kept, as in verl"
+    stat = -torch.clamp(logp - mu, -20.0, 20.0).mul(mask).sum(-1)
+    assert ((stat < -math.log(3.0)) & ~dvp.seq_reject_mask(logp, mu, mask)).any(), \
+        "sequences the engine under-weights (ratio pi/mu above 3) are dropped too: the filter is two-sided"
 
 
 def verl_seq_mean_k1(logp, engine_logp, mask, lo, hi):
@@ -555,7 +585,7 @@ def _mask_calls():
     return {
         "grpo_loss": lambda m: dvp.grpo_loss(logp, A, m),
         "grpo_loss clipped": lambda m: dvp.grpo_loss(logp, A, m, old_logp=mu),
-        "mis_mask": lambda m: dvp.mis_mask(logp, mu, m, cap=1.5),
+        "seq_reject_mask": lambda m: dvp.seq_reject_mask(logp, mu, m, cap=1.5),
         "geo_mask": lambda m: dvp.geo_mask(logp, mu, m, lo=0.9, hi=1.1),
         "bias_bound": lambda m: dvp.bias_bound(eps, m),
         "worst_case_bias_bound": lambda m: torch.tensor(dvp.worst_case_bias_bound(eps, m)),

@@ -124,7 +124,7 @@ def test_settings_at_the_edges_of_their_ranges_are_accepted():
     assert train.parse_args(["--min-p", "1"]).min_p == 1.0
 
 
-@pytest.mark.parametrize("argv,choices", [(["--correction", "foo"], "'none', 'tis', 'mis', 'geo'"),
+@pytest.mark.parametrize("argv,choices", [(["--correction", "foo"], "'none', 'tis', 'seq-rs', 'geo'"),
                                           (["--engine-dtype", "fp8"], "'auto', 'bfloat16', 'float32'"),
                                           (["--engine-kv-dtype", "fp9"], "'fp8_e4m3', 'fp8_e5m2'"),
                                           (["--trainer-dtype", "float16"], "'float32', 'bfloat16'"),
@@ -147,7 +147,7 @@ def test_help_explains_every_flag_with_its_default():
         flag = "--" + f.name.replace("_", "-")
         assert flag in r.stdout, f"{flag} missing from --help"
     assert r.stdout.count("(default:") >= len(dataclasses.fields(train.Args))
-    assert "{none,tis,mis,geo}" in r.stdout and "rho of the safe set" in r.stdout
+    assert "{none,tis,seq-rs,geo}" in r.stdout and "rho of the safe set" in r.stdout
 
 
 def test_missing_vllm_and_model_give_clear_errors(monkeypatch, tmp_path):
@@ -298,7 +298,7 @@ def greedy_with_strays(model, G):
     return out
 
 
-@pytest.mark.parametrize("correction,out_of_set", [("none", "token"), ("tis", "token"), ("mis", "token"),
+@pytest.mark.parametrize("correction,out_of_set", [("none", "token"), ("tis", "token"), ("seq-rs", "token"),
                                                     ("geo", "token"), ("none", "sequence"), ("geo", "sequence")])
 def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_batch(tiny_model, correction,
                                                                                        out_of_set):
@@ -340,10 +340,10 @@ def test_policy_gradient_is_one_full_batch_loss_over_in_set_tokens_in_any_micro_
         loss_mask = loss_mask & seq_ok[:, None]
     w = {"none": torch.ones(B, T, dtype=torch.float64),
          "tis": torch.exp(logp.detach() - engine_logp).clamp(max=2.0),                   # exp(0.8) > 2: capped
-         "mis": dvp.mis_mask(logp, engine_logp, loss_mask).double()[:, None].expand(B, T),
+         "seq-rs": dvp.seq_reject_mask(logp, engine_logp, loss_mask).double()[:, None].expand(B, T),
          "geo": dvp.geo_mask(logp, engine_logp, loss_mask, *train.GEO_INTERVAL).double()[:, None].expand(B, T),
          }[correction]
-    if correction in ("mis", "geo") and out_of_set == "token":   # sequence: out-of-set ones left, all in [lo, hi]
+    if correction in ("seq-rs", "geo") and out_of_set == "token":   # sequence: out-of-set ones left, all in [lo, hi]
         assert 0 < int((w[:, 0] == 0).sum()) < B, "the test should drop some sequences and keep others"
     loss = -(advantages[:, None] * w * logp)[loss_mask].sum() / completion_mask.sum()
     loss.backward()

@@ -67,9 +67,10 @@ class Args:
     under pi_S. token: only that token leaves the loss (the rest of the sequence still trains);
     sequence: the whole sequence leaves it (only samples pi_S can produce train), counted in
     seq_rejected_frac. Both keep every real token in the loss's denominator."""
-    correction: Literal["none", "tis", "mis", "geo"] = "none"
+    correction: Literal["none", "tis", "seq-rs", "geo"] = "none"
     """importance correction for the mismatch, for comparison: tis = token-level truncated IS (C=2),
-    mis = sequence-level masked IS (C=3), geo = verl's geometric-mean sequence mask (GEO_INTERVAL)."""
+    seq-rs = verl's sequence-level rejection (seq_sum_k1: drop a sequence whose pi/mu leaves [1/3, 3]),
+    geo = verl's geometric-mean sequence mask (seq_mean_k1, GEO_INTERVAL)."""
     group_size: int = 8
     """G >= 2: completions per prompt, the GRPO group."""
     prompts_per_step: int = 8
@@ -120,7 +121,7 @@ class Args:
 # thousands of tokens, whose mean log-ratio averages the per-token noise away; ours are 10-60 tokens
 # long. With the FP8 KV cache that statistic's 5/25/50/75/95 % quantiles are 0.94/1.00/1.03/1.07/1.25
 # (figures/mismatch-kvfp8.md, rho = 0): verl's interval would drop nearly every sequence.
-# [0.9, 1.1] drops the tails, 19 % of the sequences there (MIS at C = 3 drops 34 %).
+# [0.9, 1.1] drops the tails, 19 % of the sequences there (seq-rs, [1/3, 3], drops 34 %).
 GEO_INTERVAL = (0.9, 1.1)
 
 
@@ -240,7 +241,7 @@ def policy_gradient(model, compute_model, rollouts, advantages, completion_mask,
             seq_ok = dvp.sequence_in_set(lp.in_set, completion_mask[s])
             loss_mask, dropped = loss_mask & seq_ok[:, None], int((~seq_ok).sum())
         weights, rejected = correction_weights(args.correction, lp.logp, engine_logp[s], loss_mask)
-        dropped += rejected                                   # disjoint: a sequence left empty is kept by mis / geo
+        dropped += rejected                                   # disjoint: a sequence left empty is kept by seq-rs / geo
         loss = dvp.grpo_loss(lp.logp, advantages[s], loss_mask, weights=weights, num_tokens=num_tokens)
         loss.backward()
         add_grads(model, compute_model)
@@ -283,8 +284,8 @@ def correction_weights(correction, logp, engine_logp, loss_mask):
     """The other frameworks' corrections as grpo_loss weights: (weights or None, sequences dropped)."""
     if correction == "tis":
         return dvp.tis_weights(logp, engine_logp), 0
-    if correction in ("mis", "geo"):
-        kept = (dvp.mis_mask(logp, engine_logp, loss_mask) if correction == "mis"
+    if correction in ("seq-rs", "geo"):
+        kept = (dvp.seq_reject_mask(logp, engine_logp, loss_mask) if correction == "seq-rs"
                 else dvp.geo_mask(logp, engine_logp, loss_mask, *GEO_INTERVAL))
         return kept.float(), int((~kept).sum())
     return None, 0

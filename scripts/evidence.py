@@ -8,10 +8,10 @@
 mismatch: samples a fixed prompt set (the held-out arithmetic problems, 4 completions each) at
 each rho (--rhos, default 0 1e-3 1e-2 1e-1), recomputes every sampled token's log-prob in the
 trainer (fp32) over the trainer's own safe set, and writes per rho dvp.mismatch_stats and what
-the MIS and geo filters would drop (figures/mismatch{tag}.md, .png), and the cumulative
+the seq-rs and geo filters would drop (figures/mismatch{tag}.md, .png), and the cumulative
 log-ratio along the completion (figures/drift{tag}.json; figures/drift.png from every drift file).
 
-compare: runs train.py for each arm (plain GRPO, TIS, MIS, geo, DVP) and each seed (--seeds,
+compare: runs train.py for each arm (plain GRPO, TIS, seq-rs, geo, DVP) and each seed (--seeds,
 default 0 1 2) with the budget BUDGET, each in runs/compare{tag}/seed{S}/{arm}/ (an interrupted
 run resumes, a complete one is not re-run, and train.py refuses to resume a run with other
 settings: delete that folder to change them); then a table (mean and min-max over seeds, a
@@ -124,7 +124,7 @@ def mismatch(args):
         s = dvp.mismatch_stats(grid(d["logp"]), grid(d["engine"].to(d["logp"].dtype)), mask, grid(d["in_set"], False),
                                grid(d["pruned_mass"]))
         per_rho[rho] = d
-        # what --correction geo and mis would drop, over tokens in the trainer's safe set (as train.py); the geo
+        # what --correction geo and seq-rs would drop, over tokens in the trainer's safe set (as train.py); the geo
         # statistic is verl's seq_mean_k1, exp(mean_t log mu - log pi) (dvp.geo_mask), whose quantiles we report
         ok = mask & grid(d["in_set"], False)
         logp, engine = grid(d["logp"].double()), grid(d["engine"].double())
@@ -132,7 +132,7 @@ def mismatch(args):
         s["geo_q"] = [float(x) for x in
                       torch.quantile(geo, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=geo.dtype))]
         s["geo_rejected"] = float((~dvp.geo_mask(logp, engine, ok, *train.GEO_INTERVAL)).double().mean())
-        s["mis_rejected"] = float((~dvp.mis_mask(logp, engine, ok, cap=3.0)).double().mean())
+        s["seq_rs_rejected"] = float((~dvp.seq_reject_mask(logp, engine, ok, cap=3.0)).double().mean())
         drift[rho] = cumulative_log_ratio(grid(d["engine"].double() - d["logp"].double()), mask,
                                           grid(d["in_set"], False))
         diff = d["acc"] - per_rho[0.0]["acc"] if 0.0 in per_rho else torch.zeros_like(d["acc"])  # rho = 0 runs first
@@ -153,7 +153,7 @@ def mismatch(args):
              "| rho | tokens | " + " | ".join(f"p in [{b.replace('_', ', ')})" for b in buckets)
              + " | max | K3 KL | chi2 | out-of-set tokens / seqs with one | mean eps | bias bound/seq exact / sum "
              "| held-out acc (minus at rho = 0, +- s.e.) "
-             f"| seqs rejected by geo {list(train.GEO_INTERVAL)} / by MIS (C=3) | "
+             f"| seqs rejected by geo {list(train.GEO_INTERVAL)} / by seq-RS [1/3, 3] | "
              "geo statistic exp(mean log mu - log pi), quantiles 5/25/50/75/95 % |",
              "|---" * (len(buckets) + 11) + "|"]
     for rho, s, n in rows:
@@ -163,7 +163,7 @@ def mismatch(args):
                      f"{s['out_of_set_frac']:.2e} / {s['seq_out_of_set_frac']:.3f} | {s['pruned_mass_mean']:.2e} | "
                      f"{s['bias_bound']:.3f} / {s['bias_bound_sum']:.3f} | "
                      f"{s['acc']:.3f} ({s['bias_measured']:+.3f} +- {s['bias_measured_se']:.3f}) | "
-                     f"{s['geo_rejected']:.3f} / {s['mis_rejected']:.3f} | "
+                     f"{s['geo_rejected']:.3f} / {s['seq_rs_rejected']:.3f} | "
                      f"{' '.join(f'{q:.3f}' for q in s['geo_q'])} |")
     table = "\n".join(lines)
     print(table)
@@ -252,12 +252,15 @@ def plot_mismatch(per_rho, path, regime):
     print(f"wrote {path}")
 
 
-ARMS = {"plain": ("plain GRPO", "0", "none"), "tis": ("TIS (C=2)", "0", "tis"), "mis": ("MIS (C=3)", "0", "mis"),
+# seq-rs is verl's sequence-level rejection (seq_sum_k1, [1/3, 3]; dvp.seq_reject_mask). The 15-step tables ran it
+# under the name "mis" (label "MIS (C=3)"); their run folders are not in the repository (figures/README.md).
+ARMS = {"plain": ("plain GRPO", "0", "none"), "tis": ("TIS (C=2)", "0", "tis"),
+        "seq-rs": ("seq-RS [1/3, 3]", "0", "seq-rs"),
         "geo": ("geo mask [%g, %g]" % train.GEO_INTERVAL, "0", "geo"), "dvp": ("DVP (rho=1e-3)", "1e-3", "none"),
         "dvp2": ("DVP (rho=1e-2)", "1e-2", "none"), "dvp1": ("DVP (rho=0.1)", "0.1", "none"),
         "dvp2seq": ("DVP-sequence (rho=1e-2)", "1e-2", "none", "sequence"),
         "dvp1seq": ("DVP-sequence (rho=0.1)", "0.1", "none", "sequence")}
-DEFAULT_ARMS = ["plain", "tis", "mis", "geo", "dvp"]
+DEFAULT_ARMS = ["plain", "tis", "seq-rs", "geo", "dvp"]
 
 # --preset long (claim (c) over a longer horizon): the FP8 KV cache, 80 steps, held-out evaluation every 20,
 # the four arms that matter there (figures/drift.png: rho = 1e-3 barely changes the FP8 drift, 1e-2 cuts it to a
@@ -497,7 +500,7 @@ def summarize_compare(args):
               ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm" + per),
               ("kl_k3", "K3 KL(mu || pi)" + per), ("bias_bound", "bias bound per sequence" + per
                                                                   + "\n(exact; sum form before 2026-12-03)"),
-              ("seq_rejected_frac", "sequences rejected (mis, geo)" + per)]
+              ("seq_rejected_frac", "sequences rejected (seq-rs, geo, out-of-set)" + per)]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for arm, by_seed in done.items():
         runs_arm = list(by_seed.values())
