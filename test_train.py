@@ -217,6 +217,45 @@ def test_sync_check_compares_the_fused_matrices_vllm_holds_on_a_gpu():
         train.check_sync(Engine({p + "self_attn.qkv_proj.weight": swapped}), Model())
 
 
+def test_sync_check_compares_only_the_vocabulary_rows_of_an_embedding_vllm_padded():
+    """vLLM holds the embedding with pad_vocab_size(V) rows, the rows past V zero (vocab_parallel_embedding.py,
+    VocabParallelEmbedding.weight_loader); a vocabulary of 100 becomes 128 rows."""
+    import types
+
+    import train
+    V, D = 100, 8
+    g = torch.Generator().manual_seed(0)
+    sd = {"model.embed_tokens.weight": torch.randn(V, D, generator=g), "model.norm.weight": torch.randn(D, generator=g)}
+    bf16 = {n: t.to(torch.bfloat16) for n, t in sd.items()}
+    pad = lambda rows: torch.cat([rows, rows.new_zeros(128 - len(rows), D)])       # (128, D)
+
+    class Engine:                       # runs train._engine_fingerprint on a worker holding these parameters
+        def __init__(self, embedding):
+            model = torch.nn.Module()
+            model.embed_tokens = torch.nn.Embedding(128, D, dtype=torch.bfloat16)
+            model.norm = torch.nn.Module()
+            model.norm.weight = torch.nn.Parameter(bf16["model.norm.weight"])
+            model.embed_tokens.weight.data.copy_(embedding)
+            self.worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=torch.nn.Module()))
+            self.worker.model_runner.model.model = model
+
+        def collective_rpc(self, fn, kwargs=None):
+            return [fn(self.worker, **(kwargs or {}))]
+
+    class Model:
+        def state_dict(self):
+            return sd
+    emb = bf16["model.embed_tokens.weight"]
+    train.check_sync(Engine(pad(emb)), Model())                          # the correct sync passes
+    wrong = {"a changed row": pad(torch.cat([emb[:1] + 1, emb[1:]])),
+             "rows shifted into the padding": pad(torch.cat([emb.new_zeros(1, D), emb])),
+             "two rows swapped": pad(emb[torch.tensor([V - 1, *range(1, V - 1), 0])])}
+    for what, embedding in wrong.items():
+        with pytest.raises(RuntimeError, match="did not apply"):
+            train.check_sync(Engine(embedding), Model())
+            pytest.fail(f"{what}: the sync check passed")
+
+
 def test_gpu_preflight_names_what_vllm_needs(tmp_path):
     sys.path.insert(0, str(HERE / "scripts"))
     import gpu_preflight
