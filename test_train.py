@@ -258,18 +258,26 @@ def test_sync_check_compares_only_the_vocabulary_rows_of_an_embedding_vllm_padde
             pytest.fail(f"{what}: the sync check passed")
 
 
-def test_gpu_preflight_names_what_vllm_needs(tmp_path):
+def test_gpu_preflight_names_what_vllm_needs(tmp_path, monkeypatch):
+    import importlib.util
     sys.path.insert(0, str(HERE / "scripts"))
     import gpu_preflight
-    fine = dict(version=(3, 11), include=str(tmp_path), driver="580.65.06", compiler="/usr/bin/cc")
+    fine = dict(version=(3, 11), include=str(tmp_path), driver="580.65.06", compiler="/usr/bin/cc", venv=True)
     (tmp_path / "Python.h").write_text("")
     assert gpu_preflight.problems(**fine) == []
     for change, words in [(dict(version=(3, 10)), "Python >= 3.11"), (dict(compiler=""), "C compiler"),
                           (dict(include=str(tmp_path / "none")), "Python headers"),
+                          (dict(venv=False), "apt install python3.11-venv"),
                           (dict(driver="575.57.08"), "driver 580"),
                           (dict(driver="535.104.05"), "driver 580")]:
         found = gpu_preflight.problems(**{**fine, **change})
         assert len(found) == 1 and words in found[0], (change, found)
+    find_spec = importlib.util.find_spec
+    no_ensurepip = lambda name, *a: None if name == "ensurepip" else find_spec(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", no_ensurepip)     # Debian without python3.X-venv: no ensurepip
+    found = gpu_preflight.problems(**{**fine, "venv": None, "version": sys.version_info[:2]})
+    assert found == [f"no venv module with ensurepip: `python -m venv` cannot create .venv (apt install "
+                     f"python{sys.version_info[0]}.{sys.version_info[1]}-venv)"], found
 
 
 def test_a_prefix_cache_that_did_not_reset_fails_the_sync():
