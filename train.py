@@ -107,10 +107,10 @@ class Args:
     always gets the trainer's weights rounded to bf16."""
     engine_kv_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     """vLLM's kv_cache_dtype: auto (the model's dtype) or an FP8 cache, a quantised-rollout setting
-    production stacks use, with a ~20x larger mismatch on the CPU. On a GPU, vLLM 0.33's FlashAttention
-    takes fp8 / fp8_e4m3 on Hopper only; for fp8_e5m2 (and any FP8 cache elsewhere) vLLM picks
-    FlashInfer without an error (platforms/cuda.py, get_valid_backends; v1/attention/backends/
-    fa_utils.py, flash_attn_supports_kv_cache_dtype): on Hopper fp8_e5m2 also changes the kernel."""
+    production stacks use, with a ~20x larger mismatch on the CPU. vLLM 0.33 on a GPU: FlashAttention
+    refuses fp8_e5m2 (v1/attention/backends/fa_utils.py, flash_attn_supports_kv_cache_dtype) and vLLM
+    then picks FlashInfer without an error (platforms/cuda.py, get_valid_backends), as for any FP8
+    cache off Hopper: on Hopper fp8_e5m2 changes the attention kernel as well as the format."""
     trainer_dtype: Literal["float32", "bfloat16"] = "float32"
     """bfloat16: the trainer's forward/backward on a bf16 copy of the model (fp32 master weights and
     optimizer; dvp.py's softmax stays fp32). Fast only on a GPU or a CPU with AVX512-BF16/AMX."""
