@@ -305,7 +305,7 @@ def pruned_logprobs(logits, tokens, min_p, *, keep=None):
     """Equals pruned_logprobs_plain(logits, tokens, min_p, keep=keep): log pi_S(token) over the
     trainer's safe set, with the same values, in_set, pruned_mass and gradient (test_dvp.py), at
     the cost of a plain log_softmax (replay: a few more passes) and without (N, V) temporaries. It
-    takes keep as vLLM's CSR pair, and rejects NaN and +inf logits (-inf, a masked token, is fine)
+    takes keep as a CSR pair, and rejects NaN and +inf logits (-inf, a masked token, is fine)
     and kept sets without mass.
 
     logits (..., V) float32/bfloat16/float16/float64 (computed in float32, float64 stays float64),
@@ -314,8 +314,14 @@ def pruned_logprobs(logits, tokens, min_p, *, keep=None):
     `logp` is finite: mask it out of the loss (completion mask & in_set).
 
     Mask replay: `keep` replaces the min_p rule (min_p is then ignored) by the set the sampler kept,
-    either a 0/1 tensor shaped like the logits (..., V) or vLLM's CSR pair (token_ids, offsets)
-    over the flattened positions (position n kept token_ids[offsets[n]:offsets[n+1]]). Then S(s)
+    either a 0/1 tensor shaped like the logits (..., V) or a CSR pair (token_ids, offsets)
+    over the flattened positions (position n kept token_ids[offsets[n]:offsets[n+1]]). vLLM 0.33
+    (LLM(return_sampling_mask=True), Model Runner V2 only: config/vllm.py) gives one id list per
+    token (vllm/outputs.py, SamplingMask), needs temperature > 0 and top_k > 0 (v1/engine/
+    input_processor.py) and keeps what min_p, top_k and top_p left together (v1/worker/gpu/sample/
+    sampler.py, Sampler.__call__): with top_k = V and top_p = 1 the min_p set; with a bound such as
+    prime-rl's 512, the trainer's own rule means that set only with the logits outside the top k
+    set to -inf first (this function accepts -inf logits). Then S(s)
     is the sampler's set, pruned_mass is the trainer's mass outside it, and in_set says whether
     the token is in it (always True for the tokens that sampler drew). Replay has no out-of-set
     tokens, but its set comes from the engine's numerics and must travel with the rollout; the

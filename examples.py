@@ -3,7 +3,7 @@
     pip install trl==1.16.0          (make test installs it; it is not needed for train.py)
     python examples.py               # 5 GRPO steps with TRL on the embedded model, colocated vLLM sampling
     python examples.py --help        # the demo's settings (--trainer plain: TRL's own GRPOTrainer)
-    accelerate launch --multi_gpu --num_processes 2 examples.py     # two processes (DDP; gloo on a CPU)
+    accelerate launch --multi_gpu --num_processes 2 examples.py     # two processes (DDP: one per GPU, or gloo on a CPU)
 
 What changes. TRL computes the per-token log-probs of the completions in one method,
 `_get_per_token_logps_and_entropies`; `DVPGRPOTrainer` overrides it so that they are
@@ -39,9 +39,14 @@ the engine TRL builds runs on vLLM's CPU platform, the VLLMOnCPU mixin (in DVPGR
 PlainGRPOTrainer, TRL's own trainer for comparison) replaces that sync by what train.py does
 (all weights in one reload_weights call, reset_prefix_cache, then train.check_sync), and adds
 the keywords TRL's LLM(...) call lacks there (enforce_eager, dtype, a 1 GiB KV cache). On a GPU
-TRL's own sync runs unchanged. Two processes on a CPU: `accelerate launch --multi_gpu
---num_processes 2` (with --cpu, accelerate starts a single process) and GRPOConfig(use_cpu=True),
-which makes accelerate use gloo; every rank runs its own colocated engine.
+TRL's own sync runs unchanged.
+
+Where it trains (training_device): with CUDA on the GPU, in bf16 mixed precision where the GPU has
+it; `accelerate launch --multi_gpu --num_processes N` then trains on N GPUs (DDP over NCCL), each
+rank with its colocated engine on its own GPU (TRL's vllm_gpu_memory_utilization, 0.3 by default).
+Without CUDA on the CPU in float32: `accelerate launch --multi_gpu --num_processes 2` (with --cpu,
+accelerate starts a single process) and GRPOConfig(use_cpu=True), which makes accelerate use gloo;
+every rank runs its own colocated engine.
 """
 import contextlib
 import functools
@@ -115,6 +120,18 @@ class DVPGRPOTrainer(VLLMOnCPU, GRPOTrainer):
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
 
 
+def training_device(cuda=None, bf16=None):
+    """GRPOConfig's use_cpu and bf16 for where this runs: with CUDA, train on the GPU (each process of
+    `accelerate launch` on its own GPU), in bf16 mixed precision where the GPU has it
+    (torch.cuda.is_bf16_supported: compute capability >= 8.0), else float32; without CUDA, on the CPU in
+    float32 (use_cpu=True: accelerate then runs several processes over gloo). cuda, bf16: override
+    what is probed."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return dict(use_cpu=True, bf16=False)
+    return dict(use_cpu=False, bf16=torch.cuda.is_bf16_supported() if bf16 is None else bf16)
+
+
 def _vllm_on_cpu():
     try:
         from vllm.platforms import current_platform     # the platform vLLM builds its engines for
@@ -151,7 +168,7 @@ def _sync_by_reload(generation, model):
 
 @dataclass
 class Demo:
-    """GRPO with TRL on the arithmetic task and the embedded SmolLM2-135M-Instruct, CPU."""
+    """GRPO with TRL on the arithmetic task and the embedded SmolLM2-135M-Instruct (GPU if present, else CPU)."""
 
     trainer: Literal["dvp", "plain"] = "dvp"
     """dvp: DVPGRPOTrainer; plain: TRL's own GRPOTrainer (the truncation-bias comparison)."""
@@ -176,7 +193,8 @@ class Demo:
 
 
 def main(demo: Demo):
-    """A few steps on the arithmetic task with the embedded model, CPU; prints TRL's and DVP's metrics."""
+    """A few steps on the arithmetic task with the embedded model, on the GPU if present (training_device);
+    prints TRL's and DVP's metrics."""
     import datasets
 
     import train
@@ -193,7 +211,7 @@ def main(demo: Demo):
     config = GRPOConfig(output_dir=demo.out, min_p=demo.min_p, num_generations=demo.num_generations,
                         per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
                         max_completion_length=48, learning_rate=2e-5,
-                        max_steps=demo.steps, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                        max_steps=demo.steps, logging_steps=1, report_to="none", **training_device(),
                         save_strategy="no", seed=demo.seed, use_vllm=demo.use_vllm, vllm_mode="colocate",
                         vllm_max_model_length=256, vllm_enable_sleep_mode=False,
                         vllm_importance_sampling_correction=True, disable_tqdm=True)

