@@ -12,7 +12,7 @@ endif
 STAMP := $(VENV)/.installed-$(if $(HAS_GPU),gpu,cpu)
 ARGS ?=
 
-.PHONY: help install test bench train mismatch compare sweep demo gpu-check clean
+.PHONY: help install test test-verl bench train mismatch compare sweep demo gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -32,6 +32,21 @@ $(STAMP): requirements.txt
 test: $(STAMP)  ## lint, then the tests: dvp.py's specification, the training loop with real vLLM, TRL (a few minutes)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q test_dvp.py test_train.py $(ARGS)
+
+# verl 0.9.1 next to .venv, never in it: its own requirements would downgrade transformers (<5.11)
+# and packaging, so it and the few packages its import needs go in with --no-deps, pinned.
+VERL_DIR := .venv-verl
+VERL_PKGS := verl==0.9.1 tensordict==0.10.0 ray==2.60.0 omegaconf==2.4.0 codetiming==1.4.0 peft==0.21.2 \
+	msgpack==1.2.4 orjson==3.13.0 pyvers==0.1.0
+
+$(VERL_DIR)/.installed: $(STAMP) docs/verl-0.9.1-dvp.patch
+	rm -rf $(VERL_DIR)
+	$(BIN)/pip install --quiet --no-deps --target $(VERL_DIR) $(VERL_PKGS)
+	patch --quiet --directory $(VERL_DIR) -p1 < docs/verl-0.9.1-dvp.patch
+	touch $@
+
+test-verl: $(VERL_DIR)/.installed  ## verl 0.9.1's own policy loss and FSDP log-prob path with DVP patched in (docs/verl.md)
+	DVP_REQUIRE_VERL=1 PYTHONPATH=$(VERL_DIR) $(BIN)/python -m pytest -q test_verl.py $(ARGS)
 
 demo: $(STAMP)  ## python dvp.py: the mismatch bound and the price of pruning on synthetic logits
 	$(BIN)/python dvp.py
@@ -59,4 +74,4 @@ sweep: $(VENV)/.plot  ## plain GRPO at engine noise delta 0 1 2 4, seed 0, 80 st
 	$(BIN)/python scripts/evidence.py sweep $(ARGS)
 
 clean:  ## remove .venv and run outputs
-	rm -rf $(VENV) runs .pytest_cache __pycache__
+	rm -rf $(VENV) $(VERL_DIR) runs .pytest_cache __pycache__
