@@ -150,6 +150,8 @@ def test_help_explains_every_flag_with_its_default():
         assert flag in r.stdout, f"{flag} missing from --help"
     assert r.stdout.count("(default:") >= len(dataclasses.fields(train.Args))
     assert "{none,tis,seq-rs,geo}" in r.stdout and "rho of the safe set" in r.stdout
+    lo, hi = train.GEO_INTERVAL
+    assert f"[{lo:g}, {hi:g}] (GEO_INTERVAL)" in " ".join(r.stdout.split()), "--correction geo's help: its interval"
 
 
 def test_missing_vllm_and_model_give_clear_errors(monkeypatch, tmp_path):

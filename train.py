@@ -5,10 +5,11 @@ one flat training loop, on one machine (one GPU, or the CPU).
     python train.py --help                       # every setting, with its default and allowed values
     python train.py --steps 3 --min-p 0.01 --out runs/x
     python train.py --min-p 0 --correction tis   # plain GRPO with token-level TIS, for comparison
-    python train.py --engine-kv-dtype fp8        # rollouts with vLLM's FP8 KV cache: a ~20x larger mismatch
+    python train.py --engine-kv-dtype fp8        # rollouts with vLLM's FP8 KV cache: K3 KL about 23x larger
 
-The engine (vLLM, bf16) samples with min_p = rho and reports log mu_S of each sampled token; the
-trainer (transformers, fp32 on CPU) recomputes log pi_S over its own safe set with dvp.py, only at
+The engine (vLLM, bf16 where the hardware has it) samples with min_p = rho and reports log mu_S of
+each sampled token; the trainer (transformers, on the GPU if there is one, else the CPU; float32,
+or bfloat16 with --trainer-dtype) recomputes log pi_S over its own safe set with dvp.py, only at
 completion positions and in chunks, and takes one on-policy GRPO step. The gap between the two is
 the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
 
@@ -73,7 +74,8 @@ class Args:
     correction: Literal["none", "tis", "seq-rs", "geo"] = "none"
     """importance correction for the mismatch, for comparison: tis = token-level truncated IS (C=2),
     seq-rs = verl's sequence-level rejection (seq_sum_k1: drop a sequence whose pi/mu leaves [1/3, 3]),
-    geo = verl's geometric-mean sequence mask (seq_mean_k1, GEO_INTERVAL)."""
+    geo = verl's geometric-mean sequence mask (seq_mean_k1), keeping a sequence when
+    exp(mean_t log mu - log pi) lies in [0.9, 1.1] (GEO_INTERVAL)."""
     group_size: int = 8
     """G >= 2: completions per prompt, the GRPO group."""
     prompts_per_step: int = 8
@@ -89,7 +91,9 @@ class Args:
     """run folder: metrics.jsonl, checkpoint.pt, args.json, and run.lock (held while a run uses it)."""
     resume: bool = False
     """continue the run in --out from its checkpoint (from step 0 if it has none yet), appending to
-    its metrics.jsonl; only --steps, --eval-every and --checkpoint-every may differ from the run's."""
+    its metrics.jsonl; only --steps, --eval-every, --checkpoint-every and --cache-dir may differ from
+    the run's args.json (a setting it does not record, one added since, is not compared), and the
+    held-out split is always the run's own (--heldout-split is ignored)."""
     eval_every: int = 10
     """held-out greedy and sampled accuracy every this many steps (and at the start and the end)."""
     eval_size: int = 64
@@ -111,7 +115,8 @@ class Args:
     always gets the trainer's weights rounded to bf16."""
     engine_kv_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     """vLLM's kv_cache_dtype: auto (the model's dtype) or an FP8 cache, a quantised-rollout setting
-    production stacks use, with a ~20x larger mismatch on the CPU. vLLM 0.33 on a GPU: FlashAttention
+    production stacks use; on the CPU its K3 KL(mu || pi) is about 23x that of the bf16 cache (2.7e-2
+    vs 1.2e-3, rho = 0, figures/README.md, claim (a)). vLLM 0.33 on a GPU: FlashAttention
     refuses fp8_e5m2 (v1/attention/backends/fa_utils.py, flash_attn_supports_kv_cache_dtype) and vLLM
     then picks FlashInfer without an error (platforms/cuda.py, get_valid_backends), as for any FP8
     cache off Hopper: on Hopper fp8_e5m2 changes the attention kernel as well as the format."""
