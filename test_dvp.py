@@ -351,6 +351,20 @@ def test_mismatch_bound_holds_for_every_token(delta):
     assert (gap / bound).max() > 0.5, "the bound should not be vacuous on this example"
 
 
+def test_worst_case_bias_bound_is_longest_masked_length_times_largest_masked_eps():
+    """Sequences of unequal length (B = 3, 6 columns): T is the largest number of mask tokens in one
+    sequence (5, not the padded width 6), eps the largest pruned mass at a mask token (0.06);
+    values outside the mask count for neither."""
+    eps = torch.tensor([[0.01, 0.02, 0.90, 0.90, 0.90, 0.90],       # 2 tokens; large eps in the padding
+                        [0.03, 0.01, 0.02, 0.04, 0.01, 0.90],       # 5 tokens: the longest
+                        [0.06, 0.00, 0.02, 0.80, 0.00, 0.90]], dtype=torch.float64)   # 3 tokens (a hole at 1)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 0, 1, 0, 1, 0]], dtype=torch.bool)
+    got = dvp.worst_case_bias_bound(eps, mask, reward_range=2.0)
+    assert got == pytest.approx(2.0 * 5 * 0.06), f"expected R * T * max eps = 2 * 5 * 0.06, got {got}"
+    assert dvp.worst_case_bias_bound(eps, mask) == pytest.approx(5 * 0.06), "reward_range defaults to 1"
+    assert dvp.worst_case_bias_bound(eps, torch.zeros_like(mask)) == 0.0, "an empty mask bounds nothing away"
+
+
 def _enumerate(V, T, seed, scale):
     """A tiny autoregressive model: one random logit vector per prefix. Returns every sequence
     (V**T, T) and the logits at each of its steps (V**T, T, V)."""
@@ -438,6 +452,30 @@ def test_grpo_advantages_match_reference():
     assert (A[4:] == 0).all(), "a group with equal rewards carries no signal"
 
 
+def reference_advantages(rewards, G, eps):
+    """(R - group mean) / (unbiased group std + eps), in plain Python floats."""
+    out = []
+    for g in range(0, len(rewards), G):
+        grp = [float(x) for x in rewards[g:g + G]]
+        m = sum(grp) / G
+        s = math.sqrt(sum((x - m) ** 2 for x in grp) / (G - 1))
+        out += [(x - m) / (s + eps) for x in grp]
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("G", [2, 3, 4])
+def test_grpo_advantages_use_each_groups_own_mean_and_unbiased_std_plus_eps(G):
+    """Groups with different means and spreads (a batch-wide mean or std, a biased std, eps added
+    elsewhere than to the std, groups taken across the batch instead of contiguous: all differ)."""
+    r = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.2, 0.9, 0.4, 3.0, 5.0, 2.0, 2.0, 7.0])
+    for eps in (1e-6, 0.5):
+        torch.testing.assert_close(dvp.grpo_advantages(r, G, eps=eps), reference_advantages(r, G, eps),
+                                   rtol=1e-6, atol=1e-7, msg=f"G={G}, eps={eps}")
+    small = torch.tensor([0.0, 2 ** -10, 0.0, 2 ** -9, 1.0, 1.0 + 2 ** -10])   # spreads ~1e-3, exact in float32
+    torch.testing.assert_close(dvp.grpo_advantages(small, 2), reference_advantages(small, 2, 1e-6),
+                               rtol=1e-5, atol=0, msg="the default eps is 1e-6")
+
+
 def test_clipped_loss_has_the_reinforce_gradient_on_policy():
     logp1 = torch.randn(4, 6, requires_grad=True)
     logp2 = logp1.detach().clone().requires_grad_()
@@ -464,6 +502,31 @@ def test_clipped_loss_takes_the_pessimistic_side_for_negative_advantages():
     loss.backward()
     # A < 0: the ratio below 1 - eps is clipped (no gradient), the one above 1 + eps is not
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and logp.grad[0, 2] != 0
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.1, 0.3])                    # None: the default, 0.2
+def test_clipped_loss_is_ppos_pessimistic_objective_on_both_sides_for_both_signs(clip_eps):
+    """Ratios below 1 - eps, inside and above 1 + eps, with A > 0 and A < 0: the values are
+    min(r A, clip(r) A) token by token, and the gradient is that of r A where the ratio is
+    unclipped on the side that matters (A > 0: r < 1 + eps; A < 0: r > 1 - eps), 0 elsewhere."""
+    eps = 0.2 if clip_eps is None else clip_eps
+    r = torch.tensor([0.5, 0.75, 0.85, 0.95, 1.0, 1.05, 1.15, 1.25, 1.5], dtype=torch.float64)   # no r at 1 +- eps
+    old = torch.randn(2, 9, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    logp = (old + r.log()).requires_grad_()
+    A = torch.tensor([1.5, -0.7], dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 3] = False
+    kw = {} if clip_eps is None else {"clip_eps": clip_eps}
+    loss = dvp.grpo_loss(logp, A, mask, old_logp=old, **kw)
+    upper, lower = torch.minimum(r, torch.tensor(1 + eps)), torch.maximum(r, torch.tensor(1 - eps))
+    f = torch.stack([A[0] * upper, A[1] * lower])                           # the pessimistic side of each sign
+    n = mask.sum()
+    torch.testing.assert_close(loss, -(f * mask).sum() / n, msg="loss value")
+    (grad,) = torch.autograd.grad(loss, logp)
+    active = torch.stack([r < 1 + eps, r > 1 - eps]) & mask               # where the ratio still moves f
+    expected = torch.where(active, -A[:, None] * r / n, 0.0)               # d(-r A / n)/d logp = -r A / n
+    torch.testing.assert_close(grad, expected, msg="gradient: r A / n where unclipped, 0 where clipped")
+    assert (~active[0] & mask[0]).any() and (~active[1] & mask[1]).any(), "the test should clip on both sides"
 
 
 @pytest.mark.parametrize("shape", ["token", "sequence"])
@@ -498,6 +561,19 @@ def test_tis_weights_and_seq_reject_mask_match_reference():
     assert dvp.seq_reject_mask(logp, mu, mask, cap=3.0).tolist() == [True, False]
     mask[1, 2] = False                                                  # masked tokens do not count
     assert dvp.seq_reject_mask(logp, mu, mask, cap=3.0).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("cap", [None, 1.5, 4.0])                         # None: the default, 2
+def test_tis_weights_are_pi_over_mu_capped_from_above_only_and_detached(cap):
+    """w = min(pi / mu, cap): ratios far below 1 stay as they are (no floor), ratios above the cap
+    become the cap, the direction is pi / mu (not mu / pi), and w carries no gradient."""
+    pi = torch.tensor([[0.5, 0.2, 0.9, 0.03], [0.1, 0.8, 0.3, 0.6]], dtype=torch.float64)
+    mu = torch.tensor([[0.1, 0.4, 0.9, 0.3], [0.1, 0.2, 0.1, 0.2]], dtype=torch.float64)   # ratios 5 .5 1 .1 / 1 4 3 3
+    logp = pi.log().requires_grad_()
+    w = dvp.tis_weights(logp, mu.log(), **({} if cap is None else {"cap": cap}))
+    expected = (pi / mu).clamp(max=2.0 if cap is None else cap)
+    torch.testing.assert_close(w, expected, msg=f"cap={cap}")
+    assert not w.requires_grad and w.grad_fn is None, "TIS weights are constants of the loss (detached)"
 
 
 def test_seq_reject_keeps_a_sequence_whose_ratio_is_exactly_at_either_bound():

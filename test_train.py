@@ -150,6 +150,8 @@ def test_help_explains_every_flag_with_its_default():
         assert flag in r.stdout, f"{flag} missing from --help"
     assert r.stdout.count("(default:") >= len(dataclasses.fields(train.Args))
     assert "{none,tis,seq-rs,geo}" in r.stdout and "rho of the safe set" in r.stdout
+    lo, hi = train.GEO_INTERVAL
+    assert f"[{lo:g}, {hi:g}] (GEO_INTERVAL)" in " ".join(r.stdout.split()), "--correction geo's help: its interval"
 
 
 def test_missing_vllm_and_model_give_clear_errors(monkeypatch, tmp_path):
@@ -572,6 +574,103 @@ def test_the_bf16_trainers_lm_head_runs_in_float32(tiny_model):
         want = torch.where(mask, z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1), 0.0)
     torch.testing.assert_close(lp.logp.detach(), want, rtol=0, atol=1e-5,
                                msg="bf16 logits would differ by ~1e-2 here: the head must run in float32")
+def _records(path, recs, tail=""):
+    """Write records as train.append_jsonl does, then `tail`, what a write that did not finish leaves."""
+    import json
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + tail)
+
+
+RECS = [{"kind": "eval", "step": 0, "greedy_acc": 0.25, "sampled_acc": 0.125},
+        {"kind": "train", "step": 1, "reward": 0.5, "kl_k3": 1e-3, "bias_bound": 0.01, "time_generate": 1.0,
+         "time_train": 2.0, "time_sync": 0.5},
+        {"kind": "eval", "step": 1, "greedy_acc": 0.5, "sampled_acc": 0.25}]
+
+
+def test_readers_skip_a_torn_last_line_with_a_warning_and_name_a_bad_line_before_it(tmp_path, capsys):
+    """A run killed in the middle of a write leaves a partial last line: train.read_jsonl (used by
+    the summary, --resume and evidence.py) skips it and says so; a bad line followed by others is
+    damage and raises, naming the file and the line."""
+    import json
+    import train
+    sys.path.insert(0, str(HERE / "scripts"))
+    import evidence
+    path = tmp_path / "metrics.jsonl"
+    _records(path, RECS, tail='{"kind": "train", "step": 2, "rew')
+    before = path.read_bytes()
+    assert train.read_jsonl(path) == RECS and evidence.read(path) == RECS
+    err = capsys.readouterr().err
+    assert f"{path}, line 4 (the last) is torn" in err, err
+    assert path.read_bytes() == before, "reading alone must not change the file"
+    train.summarize(tmp_path)
+    out = capsys.readouterr()
+    assert "Done: 1 steps" in out.out and "torn" in out.err, "the end-of-run summary reads past a torn last line"
+    _records(path, RECS, tail='{"kind": "train", "step": 2}')           # complete, only its newline missing
+    assert train.read_jsonl(path) == RECS + [{"kind": "train", "step": 2}] and not capsys.readouterr().err
+    for bad in ('{"kind": "tr\n', "\x00\x00\x00\n", "[1, 2]\n"):       # torn, zeros (a full disk), not a record
+        _records(path, RECS[:1], tail=bad + json.dumps(RECS[1]) + "\n")
+        with pytest.raises(ValueError, match=rf"{path}, line 2: not a JSON record"):
+            train.read_jsonl(path)
+    assert train.read_jsonl(tmp_path / "none.jsonl") == [], "no file: no records"
+
+
+def test_resume_cuts_a_torn_tail_off_before_it_appends(tmp_path, capsys):
+    """--resume (train.run_state) cuts a torn last line off metrics.jsonl and says so, so that the
+    resumed run's first record gets a line of its own; a bad line before the last stops it."""
+    import dataclasses
+    import json
+    import train
+    out = tmp_path / "run"
+    out.mkdir()
+    args = train.Args(out=str(out), resume=True, steps=5)
+    (out / "args.json").write_text(json.dumps({**dataclasses.asdict(train.Args(out=str(out), steps=3)),
+                                               "used": {"device": "cpu"}}))
+    (out / "checkpoint.pt").write_bytes(b"")                            # run_state only looks for it
+    torn = '{"kind": "train", "st'
+    _records(out / "metrics.jsonl", RECS, tail=torn)
+    metrics, ckpt, resume_from = train.run_state(args)
+    assert resume_from == ckpt == out / "checkpoint.pt" and metrics == out / "metrics.jsonl"
+    assert f"cut off the file ({len(torn)} bytes)" in capsys.readouterr().err, "--resume says that it cut it"
+    train.append_jsonl(metrics, {"kind": "resume", "from_step": 1})
+    assert read_jsonl(metrics) == RECS + [{"kind": "resume", "from_step": 1}], "the next record is a line of its own"
+    _records(metrics, RECS, tail='{"kind": "resume", "from_step": 1}')  # complete but for its newline
+    train.run_state(args)
+    assert read_jsonl(metrics) == RECS + [{"kind": "resume", "from_step": 1}], "a complete last record is kept"
+    assert metrics.read_text().endswith("}\n"), "and ended with its newline before the next append"
+    _records(metrics, RECS[:1], tail="{torn\n" + json.dumps(RECS[1]) + "\n")
+    with pytest.raises(SystemExit, match=r"--resume: .*metrics.jsonl, line 2"):
+        train.run_state(args)
+    (out / "checkpoint.pt").unlink()                                    # only a torn line: nothing to resume
+    _records(metrics, [], tail='{"kind": "ev')
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        train.run_state(args)
+    assert metrics.read_bytes() == b""
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    """The first run holds OUT/run.lock for its life (fcntl.flock); a second one, in another process
+    or this one, stops with an error naming the folder and the holder, before anything loads; the
+    lock goes when the holder ends, even when it is killed."""
+    import train
+    out = tmp_path / "run"
+    hold = ("import sys, time, pathlib, train; lock = train.lock_run_folder(pathlib.Path(sys.argv[1])); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=rf"{out} is in use by another run \(process {holder.pid} holds"):
+            train.lock_run_folder(out)
+        _records(out / "metrics.jsonl", RECS[:1])                         # the first run has begun writing
+        for resume in (False, True):                                     # train.py takes the folder first
+            with pytest.raises(SystemExit, match="in use by another run"):
+                train.open_run(train.Args(out=str(out), resume=resume))
+    finally:
+        holder.kill()
+        holder.wait()
+    first = train.lock_run_folder(out)                                   # released by the OS on the kill
+    with pytest.raises(SystemExit, match="in use by another run"):
+        train.lock_run_folder(out)                                       # a second holder in this process
+    first.close()
+    train.lock_run_folder(out).close()
 
 
 def read_jsonl(path):

@@ -5,10 +5,11 @@ one flat training loop, on one machine (one GPU, or the CPU).
     python train.py --help                       # every setting, with its default and allowed values
     python train.py --steps 3 --min-p 0.01 --out runs/x
     python train.py --min-p 0 --correction tis   # plain GRPO with token-level TIS, for comparison
-    python train.py --engine-kv-dtype fp8        # rollouts with vLLM's FP8 KV cache: a ~20x larger mismatch
+    python train.py --engine-kv-dtype fp8        # rollouts with vLLM's FP8 KV cache: K3 KL about 23x larger
 
-The engine (vLLM, bf16) samples with min_p = rho and reports log mu_S of each sampled token; the
-trainer (transformers, fp32 on CPU) recomputes log pi_S over its own safe set with dvp.py, only at
+The engine (vLLM, bf16 where the hardware has it) samples with min_p = rho and reports log mu_S of
+each sampled token; the trainer (transformers, on the GPU if there is one, else the CPU; float32,
+or bfloat16 with --trainer-dtype) recomputes log pi_S over its own safe set with dvp.py, only at
 completion positions and in chunks, and takes one on-policy GRPO step. The gap between the two is
 the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
 
@@ -19,7 +20,9 @@ Left out on purpose: KL penalty to a reference model, several updates per batch 
 supports a clipped ratio for that), multi-GPU, mask replay (dvp.pruned_logprobs(keep=...) does the
 trainer side; the sampler side, vLLM's return_sampling_mask, needs its GPU-only Model Runner V2).
 Each step appends one JSON line to OUT/metrics.jsonl; a crash loses at most the steps since the
-last checkpoint, and --resume continues from it.
+last checkpoint, and --resume continues from it (a line torn by the crash is cut off first; every
+reader skips a torn last line, read_jsonl). A run holds OUT for its life (OUT/run.lock): a second
+run on the same folder stops at once instead of interleaving its records.
 """
 import copy
 import dataclasses
@@ -29,6 +32,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +74,8 @@ class Args:
     correction: Literal["none", "tis", "seq-rs", "geo"] = "none"
     """importance correction for the mismatch, for comparison: tis = token-level truncated IS (C=2),
     seq-rs = verl's sequence-level rejection (seq_sum_k1: drop a sequence whose pi/mu leaves [1/3, 3]),
-    geo = verl's geometric-mean sequence mask (seq_mean_k1, GEO_INTERVAL)."""
+    geo = verl's geometric-mean sequence mask (seq_mean_k1), keeping a sequence when
+    exp(mean_t log mu - log pi) lies in [0.9, 1.1] (GEO_INTERVAL)."""
     group_size: int = 8
     """G >= 2: completions per prompt, the GRPO group."""
     prompts_per_step: int = 8
@@ -83,10 +88,12 @@ class Args:
     seed: int = 0
     """seeds the prompt order, torch and the engine."""
     out: str = "runs/default"
-    """run folder: metrics.jsonl, checkpoint.pt, args.json."""
+    """run folder: metrics.jsonl, checkpoint.pt, args.json, and run.lock (held while a run uses it)."""
     resume: bool = False
     """continue the run in --out from its checkpoint (from step 0 if it has none yet), appending to
-    its metrics.jsonl; only --steps, --eval-every and --checkpoint-every may differ from the run's."""
+    its metrics.jsonl; only --steps, --eval-every, --checkpoint-every and --cache-dir may differ from
+    the run's args.json (a setting it does not record, one added since, is not compared), and the
+    held-out split is always the run's own (--heldout-split is ignored)."""
     eval_every: int = 10
     """held-out greedy and sampled accuracy every this many steps (and at the start and the end)."""
     eval_size: int = 64
@@ -108,7 +115,8 @@ class Args:
     always gets the trainer's weights rounded to bf16."""
     engine_kv_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     """vLLM's kv_cache_dtype: auto (the model's dtype) or an FP8 cache, a quantised-rollout setting
-    production stacks use, with a ~20x larger mismatch on the CPU. vLLM 0.33 on a GPU: FlashAttention
+    production stacks use; on the CPU its K3 KL(mu || pi) is about 23x that of the bf16 cache (2.7e-2
+    vs 1.2e-3, rho = 0, figures/README.md, claim (a)). vLLM 0.33 on a GPU: FlashAttention
     refuses fp8_e5m2 (v1/attention/backends/fa_utils.py, flash_attn_supports_kv_cache_dtype) and vLLM
     then picks FlashInfer without an error (platforms/cuda.py, get_valid_backends), as for any FP8
     cache off Hopper: on Hopper fp8_e5m2 changes the attention kernel as well as the format."""
@@ -324,11 +332,14 @@ class Run:
     compute_model: torch.nn.Module    # what forward/backward run on: `model` itself, or a bf16 copy
     optimizer: torch.optim.Optimizer
     llm: object                # the vLLM engine
+    lock: object               # the open OUT/run.lock: the folder is this run's while it is held
 
 
 def run_state(args: Args):
     """What is in args.out: (metrics path, checkpoint path, the step to resume from, or None for a new
-    run). Raises SystemExit naming the way out when the folder and the flags disagree."""
+    run). Raises SystemExit naming the way out when the folder and the flags disagree. With --resume
+    it first cuts a torn last line off metrics.jsonl (saying so), so that the next record does not
+    land on the same line; call it while holding the folder (lock_run_folder)."""
     out = Path(args.out)
     metrics, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     has_records = metrics.exists() and metrics.stat().st_size > 0
@@ -344,7 +355,12 @@ def run_state(args: Args):
     changed -= {"steps", "resume", "cache_dir", "out", "eval_every", "checkpoint_every"}   # not the training's
     if changed:
         raise SystemExit(f"--resume with other settings than the run in {out}: {sorted(changed)} "
-                         "(only --steps, --eval-every and --checkpoint-every may change)")
+                         "(only --steps, --eval-every, --checkpoint-every and --cache-dir may change)")
+    try:
+        read_jsonl(metrics, repair=True)
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    has_records = metrics.exists() and metrics.stat().st_size > 0
     if ckpt.exists():
         return metrics, ckpt, ckpt
     if has_records:        # stopped before its first checkpoint: start again, its records get superseded
@@ -359,9 +375,9 @@ def open_run(args: Args):
     """Check the run folder, then load the task, the trainer's model and optimizer (from the
     checkpoint when resuming), start the engine with the trainer's weights and evaluate step 0.
     Returns a Run, or None when the run is already complete."""
-    metrics, ckpt, resume_from = run_state(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(out)                   # before anything reads or writes the folder
+    metrics, ckpt, resume_from = run_state(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trainer_dtype = getattr(torch, args.trainer_dtype)
     if trainer_dtype == torch.bfloat16 and device.type == "cpu" and not fast_cpu_bf16():
@@ -399,7 +415,7 @@ def open_run(args: Args):
     if start == 0:
         evaluate_and_log(llm, tokenizer, heldout, args, 0, metrics, print, compute_model)
     return Run(out, metrics, ckpt, start, device, rng, train_set, heldout, tokenizer, model, compute_model, optimizer,
-               llm)
+               llm, lock)
 
 
 def _as_random_state(state):
@@ -881,6 +897,67 @@ def append_jsonl(path, record):
         os.fsync(f.fileno())
 
 
+def read_jsonl(path, repair=False):
+    """The records of a JSONL file such as metrics.jsonl, [] when it does not exist. A torn last
+    line (a run killed in the middle of a write, a full disk) is skipped with a warning on stderr;
+    repair=True also cuts it off the file (and ends a complete last record with its newline), so
+    that the next append starts a line of its own. A bad line before the last raises ValueError
+    naming the file and the line: that is damage, not an interrupted write."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    if lines[-1] == b"":                          # every complete write ends with a newline
+        lines.pop()
+    recs, offset = [], 0                          # offset: where line n starts in the file
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)                # bad UTF-8 raises UnicodeDecodeError, a ValueError too
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not a record")
+        except ValueError as e:
+            if n < len(lines):
+                raise ValueError(f"{path}, line {n}: not a JSON record ({e}); only a torn last line is "
+                                 "skipped, and this one is followed by others") from None
+            print(f"warning: {path}, line {n} (the last) is torn, a write that did not finish: skipped"
+                  + (f"; cut off the file ({len(raw) - offset} bytes)" if repair else ""), file=sys.stderr)
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(offset)
+                    os.fsync(f.fileno())
+            return recs
+        recs.append(rec)
+        offset += len(line) + 1
+    if repair and raw and not raw.endswith(b"\n"):   # a complete record whose newline was not written
+        with open(path, "ab") as f:
+            f.write(b"\n")
+            os.fsync(f.fileno())
+    return recs
+
+
+def lock_run_folder(out: Path):
+    """Make `out` (created if needed) this process's run folder: an exclusive flock on OUT/run.lock,
+    held while the returned file stays open, i.e. for the run's life. The OS releases it when the
+    process ends, however it ends. A second run on the same folder gets SystemExit naming it, so two
+    runs never interleave their records."""
+    import fcntl
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / "run.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(f"{out} is in use by another run (process {holder} holds {out / 'run.lock'}): wait for it "
+                         "to end, or choose another --out") from None
+    f.seek(0), f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def save_checkpoint(path, model, optimizer, step, rng_state):
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state,
@@ -899,7 +976,7 @@ def latest(recs, kind):
 def summarize(out: Path):
     """The end-of-run summary from OUT/metrics.jsonl (a resumed run included), and OUT/train.png
     when matplotlib is installed."""
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = read_jsonl(out / "metrics.jsonl")
     tr, ev = latest(recs, "train"), latest(recs, "eval")
     if not tr or not ev:
         return

@@ -376,7 +376,8 @@ def platform_note():
 
 
 def read(path):
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    """A run's records (train.read_jsonl: [] without the file; a torn last line is skipped, with a warning)."""
+    return train.read_jsonl(path)
 
 
 def smooth(ys, k=3):
