@@ -976,6 +976,33 @@ json.dump(dict(rank=rank, world=trainer.accelerator.num_processes, weights=weigh
 
 # --- the compare table's arithmetic (scripts/evidence.py) ----------------------------------------
 
+def test_sweep_table_gives_each_deltas_accuracy_at_every_evaluation_and_its_fall(tmp_path, monkeypatch):
+    import argparse
+    import json
+    sys.path.insert(0, str(HERE / "scripts"))
+    import evidence
+    monkeypatch.setattr(evidence, "ROOT", tmp_path)
+    runs = {0.0: ([0.2, 0.6, 0.7], [0.1, 0.5, 0.6], [0.5] * 20),
+            1.0: ([0.2, 0.8, 0.5], [0.1, 0.7, 0.4], [0.1 * i for i in range(10)] + [0.9 - 0.05 * i for i in range(10)])}
+    for delta, (greedy, sampled, rewards) in runs.items():
+        d = tmp_path / "runs" / ("compare-stress" + (f"-noise{delta:g}" if delta else "")) / "seed0" / "plain"
+        d.mkdir(parents=True)
+        recs = [{"kind": "train", "step": i + 1, "reward": r, "grad_norm": 1.0, "kl_k3": 0.01 if i < 10 else 0.02,
+                 "seq_rejected_frac": 0.0, "out_of_set_frac": 0.0, "time_generate": 1.0, "time_train": 2.0,
+                 "time_sync": 0.0} for i, r in enumerate(rewards)]
+        recs += [{"kind": "eval", "step": 10 * k, "greedy_acc": g, "sampled_acc": a, "sampled_acc_unpruned": a}
+                 for k, (g, a) in enumerate(zip(greedy, sampled))]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = argparse.Namespace(preset="stress", steps=20, eval_every=10, deltas=[0.0, 1.0, 2.0], seeds=[0],
+                              engine_noise=0.0, engine_kv_dtype="auto", engine_dtype="bfloat16", train_args=[])
+    lines = evidence.sweep_table(args)
+    assert "Accuracy at steps 0, 10, 20" in lines[0]
+    assert lines[4] == "| 0 | 0 | 0.200 0.600 0.700 | 0.000 | 0.100 0.500 0.600 | 0.000 | 0.500 / 0.500 / 0.500 | " \
+                       "1.0e-02 / 2.0e-02 | 1 |", lines[4]
+    assert lines[5].startswith("| 1 | 0 | 0.200 0.800 0.500 | 0.300 | 0.100 0.700 0.400 | 0.300 | 0.200 / "), lines[5]
+    assert lines[6].startswith("| 2 | 0 | (not finished)"), "a delta without a finished run says so"
+
+
 def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     import json
     sys.path.insert(0, str(HERE / "scripts"))
