@@ -553,13 +553,16 @@ def main():
                    help="sweep: the engine noise deltas, plain GRPO at each")
     p.add_argument("--steps", type=int, default=None, help="compare: steps per run (default: the preset's)")
     p.add_argument("--eval-every", type=int, default=None, help="compare: held-out evaluation every this many steps")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="compare: seeds; every arm runs with each")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="compare: seeds, every arm runs with each (default 0 1 2); sweep: default 0")
     p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="compare: arms (default: the preset's)")
     args, args.train_args = p.parse_known_args()
     if args.train_args and args.what not in ("compare", "sweep"):
         p.error(f"unrecognized arguments: {' '.join(args.train_args)}")
     if args.what == "sweep":
         args.preset = "stress"
+    if args.seeds is None:
+        args.seeds = [0] if args.what == "sweep" else [0, 1, 2]
     preset = PRESETS.get(args.preset, dict(steps=15, eval_every=None, arms=DEFAULT_ARMS, engine_kv_dtype="auto"))
     for k, v in preset.items():
         if getattr(args, k) is None:
