@@ -3,6 +3,8 @@
     make mismatch ARGS="--engine-kv-dtype fp8"   # evidence.py mismatch: the log-prob gap, per rho
     make compare ARGS="--engine-kv-dtype fp8"    # evidence.py compare: five arms x seeds of train.py
     make compare ARGS="--preset long"            # claim (c) over 80 steps: FP8 KV, 4 arms x 3 seeds, ~3 h
+    make sweep                                   # evidence.py sweep: plain GRPO at engine noise 0 1 2 4, seed 0
+    make compare ARGS="--preset stress --engine-noise 2"   # claim (c) where plain GRPO degrades: 6 arms x 3 seeds
     python scripts/evidence.py plot --engine-kv-dtype fp8   # redraw a compare from the runs on disk
 
 mismatch: samples a fixed prompt set (the held-out arithmetic problems, 4 completions each) at
@@ -272,7 +274,10 @@ LONG = dict(steps=80, eval_every=20, arms=["plain", "dvp2", "geo", "dvp"], engin
 # engine noise delta (--engine-noise: the paper's own assumption, every engine logit off by at most delta),
 # held-out evaluation every 10 steps. `evidence.py sweep` runs plain GRPO on seed 0 at each delta of --deltas
 # first; the regime is chosen on those runs alone, and then `make compare ARGS="--preset stress --engine-noise D"`
-# runs the arms below at that delta (plain GRPO's seed-0 run is the sweep's, reused).
+# runs the arms below at that delta (plain GRPO's seed-0 run is the sweep's, reused). Chosen so: delta = 2 (the
+# smallest that degraded plain GRPO, figures/sweep-stress.md), and there `make mismatch ARGS="--engine-noise 2"`
+# shows rho = 0.1 halving the drift (6.8 -> 3.1 nats at t = 20; 1e-2: 5.1, 1e-3: 6.2), hence DVP at 0.1 (token- and
+# sequence-level out-of-set handling), the default 1e-3, the geo mask and TIS.
 STRESS = dict(steps=80, eval_every=10, arms=["plain", "dvp1", "dvp", "dvp1seq", "geo", "tis"], engine_kv_dtype="auto")
 PRESETS = {"long": LONG, "stress": STRESS}
 
