@@ -44,8 +44,8 @@ P_{pi_S}(y) = P_pi(y) / prod_t Z(s_t) there and 0 elsewhere, hence exactly
 and |J(pi_S) - J(pi)| <= (R_max - R_min) * TV, tight over all rewards in [R_min, R_max]: `bias_bound`
 (never above R_max - R_min), `bias_bound_sum` (the hybrid form, which can exceed it) and
 `worst_case_bias_bound`. test_dvp.py checks all three by enumerating every sequence of a tiny model.
-A sampled sequence holding a token outside S has probability 0 under pi_S. Dropping only that token
-from the loss (the default here) or the whole sequence (`sequence_in_set`) is a choice beyond the
+A sampled sequence holding a token outside S has probability 0 under pi_S. To drop only that token
+(the default here) or the whole sequence (`sequence_in_set`) from the loss is a choice beyond the
 abstract: the first keeps the rest of the sequence's gradient, the second keeps only samples that
 pi_S can produce.
 
