@@ -644,6 +644,10 @@ def test_resume_cuts_a_torn_tail_off_before_it_appends(tmp_path, capsys):
     with pytest.raises(SystemExit, match="nothing to resume"):
         train.run_state(args)
     assert metrics.read_bytes() == b""
+    missing = tmp_path / "missing"
+    with pytest.raises(SystemExit, match=rf"--resume: {missing} does not exist"):
+        train.open_run(train.Args(out=str(missing), resume=True))
+    assert not missing.exists(), "a --resume that finds no folder leaves none behind"
 
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):

@@ -703,6 +703,8 @@ def open_run(args: Args):
     checkpoint when resuming), start the engine with the trainer's weights and evaluate step 0.
     Returns a Run, or None when the run is already complete."""
     out = Path(args.out)
+    if args.resume and not out.is_dir():          # before the lock, which would create the folder
+        raise SystemExit(f"--resume: {out} does not exist (no run to resume there): run without --resume")
     lock = lock_run_folder(out)                   # before anything reads or writes the folder
     metrics, ckpt, resume_from = run_state(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
