@@ -1040,11 +1040,20 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     assert lines[2].startswith("| plain GRPO | 2 | 0.100 [0.100, 0.100] | - | 0.400 [0.400, 0.400] | 0.000 ")
     assert lines[3].startswith("| DVP (rho=1e-3) | 2 | 0.100 [0.100, 0.100] | - | 0.475 [0.400, 0.550] |")
     assert set(done) == {"plain", "dvp"} and set(done["dvp"]) == {1, 12}
-    assert lines[-1] == "- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)"
+    assert lines[-2:] == ["- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)",
+                          "- DVP (rho=1e-3) minus plain GRPO, held-out best-to-end drop, seeds [1]: +0.000 "
+                          "(mean +0.000)"], lines[-2:]
+    done = {"plain": {s: done["plain"][1] for s in (0, 1, 2)},
+            "dvp": {s: done["dvp"][1] for s in (0, 1)} | {2: done["plain"][1]}}
+    assert evidence.paired_differences(done)[-1] == ("- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [0, 1, 2]: "
+                                                     "+0.150, +0.150, +0.000 (mean +0.100, paired 95 % t-interval "
+                                                     "-0.115 to +0.315)")   # sd 0.0866, t(2 d.o.f.) 4.303
     (tmp_path / "seed1" / "plain" / "args.json").write_text(json.dumps({"trainer_dtype": "float32"}))
     with pytest.raises(SystemExit, match="trainer_dtype"):                       # one table per regime
         evidence.compare_table(here, tmp_path)
     assert evidence.interval([1.0, 3.0, 2.0]) == (2.0, 1.0, 3.0)                  # n <= 3: mean, min, max
+    m, lo, hi = evidence.t_interval([1.0, 3.0])                                  # n = 2: 1 d.o.f.
+    assert m == 2.0 and hi == pytest.approx(2.0 + 12.706 * 2 ** 0.5 / 2 ** 0.5) and lo == pytest.approx(4.0 - hi)
     m, lo, hi = evidence.interval([1.0, 2.0, 3.0, 4.0])                          # n = 4: Student t, 3 d.o.f.
     assert (m == 2.5 and hi - m == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, rel=1e-3)
             and lo == pytest.approx(2 * m - hi))

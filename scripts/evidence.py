@@ -420,14 +420,21 @@ def seeds_on_disk(runs):
     return sorted({int(p.parent.parent.name[len("seed"):]) for p in runs.glob("seed*/*/metrics.jsonl")})
 
 
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}  # Student t, 97.5 %, by d.o.f.
+
+
+def t_interval(xs):
+    """mean and the Student-t 95 % interval of the mean of xs (n >= 2; d.o.f. > 9: 2.262, slightly conservative)."""
+    n, m = len(xs), sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
+    half = T95.get(n - 1, 2.262) * sd / n ** 0.5
+    return m, m - half, m + half
+
+
 def interval(xs):
     """mean and a 95 % interval over seeds: Student t for n >= 4, min-max for n <= 3."""
     n, m = len(xs), sum(xs) / len(xs)
-    if n <= 3:
-        return m, min(xs), max(xs)
-    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
-    t = {4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}.get(n, 2.262)  # n > 10: slightly conservative
-    return m, m - t * sd / n ** 0.5, m + t * sd / n ** 0.5
+    return (m, min(xs), max(xs)) if n <= 3 else t_interval(xs)
 
 
 COLUMNS = [("unpruned_acc", "held-out sampled acc at the end, unpruned sampler", ".3f"),
@@ -471,21 +478,28 @@ def compare_table(args, runs):
             "prompts for every arm of a seed). "
             "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
             "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
-    return head, lines + paired_differences(done), done
+    keys = (("unpruned_acc", "end accuracy"),) + ((("eval_drop", "held-out best-to-end drop"),)
+                                                  if args.preset in PRESETS else ())
+    return head, lines + paired_differences(done, keys), done
 
 
-def paired_differences(done):
-    """Lines of the end accuracy (held-out, unpruned sampler) of each arm minus that of plain GRPO
-    and of the geo mask, seed by seed (the same prompts): the comparison that decides separation."""
+def paired_differences(done, keys=(("unpruned_acc", "end accuracy"),)):
+    """Lines of each arm's value minus that of plain GRPO and of the geo mask, seed by seed (the same
+    prompts), for each (key of run_summary, words) in `keys` (default: the end accuracy, held-out,
+    unpruned sampler), with the paired Student-t 95 % interval of the mean from 2 seeds on: the
+    comparison that decides separation (an interval that holds 0 detects none)."""
     out = []
     for base in ("plain", "geo"):
         for arm in (a for a in done if a not in (base, "plain") and base in done):   # plain - geo: see geo - plain
             seeds = sorted(set(done[arm]) & set(done[base]))
             if not seeds:
                 continue
-            d = [run_summary(done[arm][s])["unpruned_acc"] - run_summary(done[base][s])["unpruned_acc"] for s in seeds]
-            out.append(f"- {ARMS[arm][0]} minus {ARMS[base][0]}, end accuracy, seeds {seeds}: "
-                       + ", ".join(f"{x:+.3f}" for x in d) + f" (mean {sum(d) / len(d):+.3f})")
+            for key, words in keys:
+                d = [run_summary(done[arm][s])[key] - run_summary(done[base][s])[key] for s in seeds]
+                m, lo, hi = t_interval(d) if len(d) > 1 else (d[0], None, None)
+                out.append(f"- {ARMS[arm][0]} minus {ARMS[base][0]}, {words}, seeds {seeds}: "
+                           + ", ".join(f"{x:+.3f}" for x in d) + f" (mean {m:+.3f}"
+                           + (f", paired 95 % t-interval {lo:+.3f} to {hi:+.3f})" if lo is not None else ")"))
     return ["", "Paired differences (same seed, same prompts):"] + out if out else []
 
 
