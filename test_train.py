@@ -1020,7 +1020,7 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
                   "seq_rejected_frac": 0.0, "out_of_set_frac": 0.0, "time_generate": 1.0, "time_train": 2.0,
                   "time_sync": 0.0}
                  for i, r in enumerate(rewards)]
-        recs += [{"kind": "eval", "step": 6, "sampled_acc": 0.5 + seed / 100, "greedy_acc": 0.6,
+        recs += [{"kind": "eval", "step": 6, "sampled_acc": 0.5 + seed / 100, "greedy_acc": 0.6 + (arm == "dvp") / 10,
                   "sampled_acc_unpruned": 0.55 if (seed, arm) == (1, "dvp") else 0.4}]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert evidence.seeds_on_disk(tmp_path) == [0, 1, 12]
@@ -1038,11 +1038,13 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     assert head.startswith("vLLM float16, fp8 KV cache / bfloat16 trainer, SmolLM2-135M-Instruct, arithmetic, 6 steps")
     assert "| held-out acc step 3 | held-out acc step 6 | held-out best-to-end drop |" in lines[0]
     assert lines[2].startswith("| plain GRPO | 2 | 0.100 [0.100, 0.100] | - | 0.400 [0.400, 0.400] | 0.000 ")
-    assert lines[3].startswith("| DVP (rho=1e-3) | 2 | 0.100 [0.100, 0.100] | - | 0.475 [0.400, 0.550] |")
+    assert lines[3].startswith("| DVP (rho=1e-3) | 2 | 0.100 [0.100, 0.100] | - | 0.475 [0.400, 0.550] | "
+                               "0.000 [0.000, 0.000] | 0.700 [0.700, 0.700] |"), lines[3]
     assert set(done) == {"plain", "dvp"} and set(done["dvp"]) == {1, 12}
-    assert lines[-2:] == ["- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)",
+    assert lines[-3:] == ["- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)",
+                          "- DVP (rho=1e-3) minus plain GRPO, end greedy accuracy, seeds [1]: +0.100 (mean +0.100)",
                           "- DVP (rho=1e-3) minus plain GRPO, held-out best-to-end drop, seeds [1]: +0.000 "
-                          "(mean +0.000)"], lines[-2:]
+                          "(mean +0.000)"], lines[-3:]
     done = {"plain": {s: done["plain"][1] for s in (0, 1, 2)},
             "dvp": {s: done["dvp"][1] for s in (0, 1)} | {2: done["plain"][1]}}
     assert evidence.paired_differences(done)[-1] == ("- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [0, 1, 2]: "
