@@ -1047,9 +1047,9 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
                           "(mean +0.000)"], lines[-3:]
     done = {"plain": {s: done["plain"][1] for s in (0, 1, 2)},
             "dvp": {s: done["dvp"][1] for s in (0, 1)} | {2: done["plain"][1]}}
-    assert evidence.paired_differences(done)[-1] == ("- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [0, 1, 2]: "
-                                                     "+0.150, +0.150, +0.000 (mean +0.100, paired 95 % t-interval "
-                                                     "-0.115 to +0.315)")   # sd 0.0866, t(2 d.o.f.) 4.303
+    assert evidence.paired_differences(done)[-1] == (      # sd 0.0866, t(2 d.o.f.) 4.303
+        "- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [0, 1, 2]: +0.150, +0.150, +0.000 (mean +0.100, "
+        "paired 95 % t-interval -0.115 to +0.315)")
     (tmp_path / "seed1" / "plain" / "args.json").write_text(json.dumps({"trainer_dtype": "float32"}))
     with pytest.raises(SystemExit, match="trainer_dtype"):                       # one table per regime
         evidence.compare_table(here, tmp_path)

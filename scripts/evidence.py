@@ -397,7 +397,8 @@ def run_summary(recs):
     mean = lambda k: sum(x.get(k, 0.0) for x in tr) / len(tr)
     acc = {x["step"]: x.get("sampled_acc_unpruned", x["sampled_acc"]) for x in ev}
     return {"sampled_acc": ev[-1]["sampled_acc"], "acc_at": acc, "eval_drop": max(acc.values()) - acc[max(acc)],
-            "unpruned_acc": ev[-1].get("sampled_acc_unpruned", ev[-1]["sampled_acc"]), "greedy_acc": ev[-1]["greedy_acc"],
+            "unpruned_acc": ev[-1].get("sampled_acc_unpruned", ev[-1]["sampled_acc"]),
+            "greedy_acc": ev[-1]["greedy_acc"],
             "start_acc": ev[0].get("sampled_acc_unpruned", ev[0]["sampled_acc"]),
             "reward_drop": max(r[2:]) - r[-1],  # best from the first full 3-step window on
             "peak_grad_norm": max(x["grad_norm"] for x in tr), "kl_k3": mean("kl_k3"),
@@ -479,8 +480,9 @@ def compare_table(args, runs):
             "prompts for every arm of a seed). "
             "Cells: mean [min, max] over seeds (Student-t 95 % interval from 4 seeds on). "
             "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
-    keys = (("unpruned_acc", "end accuracy"),) + ((("greedy_acc", "end greedy accuracy"),
-                                                   ("eval_drop", "held-out best-to-end drop")) if args.preset in PRESETS else ())
+    keys = [("unpruned_acc", "end accuracy")]
+    if args.preset in PRESETS:
+        keys += [("greedy_acc", "end greedy accuracy"), ("eval_drop", "held-out best-to-end drop")]
     return head, lines + paired_differences(done, keys), done
 
 
