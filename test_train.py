@@ -1041,10 +1041,12 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     assert lines[3].startswith("| DVP (rho=1e-3) | 2 | 0.100 [0.100, 0.100] | - | 0.475 [0.400, 0.550] | "
                                "0.000 [0.000, 0.000] | 0.700 [0.700, 0.700] |"), lines[3]
     assert set(done) == {"plain", "dvp"} and set(done["dvp"]) == {1, 12}
-    assert lines[-3:] == ["- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)",
+    assert lines[-4:] == ["- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [1]: +0.150 (mean +0.150)",
+                          "- DVP (rho=1e-3) minus plain GRPO, end accuracy, own sampler (min_p = rho), seeds [1]: "
+                          "+0.000 (mean +0.000)",
                           "- DVP (rho=1e-3) minus plain GRPO, end greedy accuracy, seeds [1]: +0.100 (mean +0.100)",
                           "- DVP (rho=1e-3) minus plain GRPO, held-out best-to-end drop, seeds [1]: +0.000 "
-                          "(mean +0.000)"], lines[-3:]
+                          "(mean +0.000)"], lines[-4:]
     done = {"plain": {s: done["plain"][1] for s in (0, 1, 2)},
             "dvp": {s: done["dvp"][1] for s in (0, 1)} | {2: done["plain"][1]}}
     assert evidence.paired_differences(done)[-1] == (      # sd 0.0866, t(2 d.o.f.) 4.303

@@ -482,7 +482,8 @@ def compare_table(args, runs):
             "Start acc: held-out sampled accuracy at step 0, unpruned sampler.")
     keys = [("unpruned_acc", "end accuracy")]
     if args.preset in PRESETS:
-        keys += [("greedy_acc", "end greedy accuracy"), ("eval_drop", "held-out best-to-end drop")]
+        keys += [("sampled_acc", "end accuracy, own sampler (min_p = rho)"), ("greedy_acc", "end greedy accuracy"),
+                 ("eval_drop", "held-out best-to-end drop")]
     return head, lines + paired_differences(done, keys), done
 
 
