@@ -521,25 +521,31 @@ def summarize_compare(args):
     k = 5 if args.preset in PRESETS else 1      # 80 noisy steps: every train-side panel as a trailing 5-step mean
     per = f" ({k}-step mean)" if k > 1 else ""
     panels = [("reward", f"train reward ({max(k, 3)}-step mean)"),
-              ("sampled_acc_unpruned", "held-out sampled accuracy (unpruned)"), ("grad_norm", "gradient norm" + per),
-              ("kl_k3", "K3 KL(mu || pi)" + per), ("bias_bound", "bias bound per sequence" + per
-                                                                  + "\n(exact; sum form before 2026-12-03)"),
+              ("sampled_acc_unpruned", "held-out sampled accuracy\n(solid: unpruned; dashed: own, min_p = rho)"),
+              ("grad_norm", "gradient norm" + per),
+              ("kl_k3", "K3 KL(mu || pi)" + per + "\n(sampled tokens in the trainer's set: those the loss sees)"),
+              ("bias_bound", "bias bound per sequence" + per + "\n(exact; sum form before 2026-12-03)"),
               ("seq_rejected_frac", "sequences rejected (seq-rs, geo, out-of-set)" + per)]
+    fallback = {"sampled_acc_unpruned": "sampled_acc"}   # arms that sample unpruned log only sampled_acc
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for arm, by_seed in done.items():
-        runs_arm = list(by_seed.values())
+        runs_arm, color = list(by_seed.values()), None
         for ax, (key, title) in zip(axes.flat, panels):
             src = "eval" if key.endswith("unpruned") else "train"
             per_seed = [train.latest(r, src) for r in runs_arm]
             steps = sorted(set.intersection(*[{x["step"] for x in recs} for recs in per_seed]))
-            ys = [[x.get(key, x.get("sampled_acc", 0.0)) for x in recs if x["step"] in steps] for recs in per_seed]
-            if src == "train":
-                ys = [smooth(y, max(k, 3) if key == "reward" else k) for y in ys]
-            stats = [interval(list(col)) for col in zip(*ys)]
-            line, = ax.plot(steps, [m for m, _, _ in stats], label=ARMS[arm][0], marker="o" if src == "eval" else None,
-                            ms=3)
-            ax.fill_between(steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15,
-                            color=line.get_color())
+            # DVP's own sampler (min_p = rho) beside its unpruned one; the other arms sample unpruned
+            own = [("sampled_acc", "--")] if src == "eval" and ARMS[arm][1] != "0" else []
+            for key_, style in [(key, "-")] + own:
+                ys = [[x.get(key_, x.get(fallback.get(key_), 0.0)) for x in recs if x["step"] in steps]
+                      for recs in per_seed]
+                if src == "train":
+                    ys = [smooth(y, max(k, 3) if key == "reward" else k) for y in ys]
+                stats = [interval(list(col)) for col in zip(*ys)]
+                line, = ax.plot(steps, [m for m, _, _ in stats], style, label=ARMS[arm][0] if style == "-" else None,
+                                marker="o" if src == "eval" else None, ms=3, color=color)
+                color = line.get_color()
+                ax.fill_between(steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15, color=color)
             ax.set_title(title, fontsize=10), ax.set_xlabel("step")
     axes.flat[3].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
