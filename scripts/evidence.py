@@ -526,7 +526,6 @@ def summarize_compare(args):
               ("kl_k3", "K3 KL(mu || pi)" + per + "\n(sampled tokens in the trainer's set: those the loss sees)"),
               ("bias_bound", "bias bound per sequence" + per + "\n(exact; sum form before 2026-12-03)"),
               ("seq_rejected_frac", "sequences rejected (seq-rs, geo, out-of-set)" + per)]
-    fallback = {"sampled_acc_unpruned": "sampled_acc"}   # arms that sample unpruned log only sampled_acc
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for arm, by_seed in done.items():
         runs_arm, color = list(by_seed.values()), None
@@ -537,7 +536,7 @@ def summarize_compare(args):
             # DVP's own sampler (min_p = rho) beside its unpruned one; the other arms sample unpruned
             own = [("sampled_acc", "--")] if src == "eval" and ARMS[arm][1] != "0" else []
             for key_, style in [(key, "-")] + own:
-                ys = [[x.get(key_, x.get(fallback.get(key_), 0.0)) for x in recs if x["step"] in steps]
+                ys = [[x.get(key_, x.get("sampled_acc", 0.0)) for x in recs if x["step"] in steps]  # plain: sampled
                       for recs in per_seed]
                 if src == "train":
                     ys = [smooth(y, max(k, 3) if key == "reward" else k) for y in ys]
