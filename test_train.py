@@ -1052,6 +1052,15 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     assert evidence.paired_differences(done)[-1] == (      # sd 0.0866, t(2 d.o.f.) 4.303
         "- DVP (rho=1e-3) minus plain GRPO, end accuracy, seeds [0, 1, 2]: +0.150, +0.150, +0.000 (mean +0.100, "
         "paired 95 % t-interval -0.115 to +0.315)")
+    runs = {"plain": done["plain"][1], "dvp": done["dvp"][1]}                   # end accuracy 0.4 and 0.55
+    arms = {"plain": "plain", "tis": "plain", "dvp1": "plain", "dvp1seq": "dvp"}
+    lines = evidence.paired_differences({a: {0: runs[r], 1: runs[r]} for a, r in arms.items()},
+                                        (("unpruned_acc", "end"), ("sampled_acc", "own")))
+    assert [x.split(",")[0] for x in lines[2:]] == [                             # own sampler: only where one prunes
+        "- TIS (C=2) minus plain GRPO", "- DVP (rho=0.1) minus plain GRPO", "- DVP (rho=0.1) minus plain GRPO",
+        "- DVP-sequence (rho=0.1) minus plain GRPO", "- DVP-sequence (rho=0.1) minus plain GRPO",
+        "- DVP-sequence (rho=0.1) minus DVP (rho=0.1)", "- DVP-sequence (rho=0.1) minus DVP (rho=0.1)"], lines
+    assert lines[-2].startswith("- DVP-sequence (rho=0.1) minus DVP (rho=0.1), end, seeds [0, 1]: +0.150, +0.150")
     (tmp_path / "seed1" / "plain" / "args.json").write_text(json.dumps({"trainer_dtype": "float32"}))
     with pytest.raises(SystemExit, match="trainer_dtype"):                       # one table per regime
         evidence.compare_table(here, tmp_path)

@@ -488,22 +488,25 @@ def compare_table(args, runs):
 
 
 def paired_differences(done, keys=(("unpruned_acc", "end accuracy"),)):
-    """Lines of each arm's value minus that of plain GRPO and of the geo mask, seed by seed (the same
-    prompts), for each (key of run_summary, words) in `keys` (default: the end accuracy, held-out,
-    unpruned sampler), with the paired Student-t 95 % interval of the mean from 2 seeds on: the
-    comparison that decides separation (an interval that holds 0 detects none)."""
+    """Lines of each arm's value minus that of plain GRPO and of the geo mask, and of a DVP-sequence arm
+    minus token-level DVP at its rho (the out-of-set choice), seed by seed (the same prompts), for each
+    (key of run_summary, words) in `keys` (default: the end accuracy, held-out, unpruned sampler; the
+    own-sampler key only where one arm prunes), with the paired Student-t 95 % interval of the mean from
+    2 seeds on: the comparison that decides separation (an interval that holds 0 detects none)."""
+    pairs = [(arm, base) for base in ("plain", "geo") if base in done
+             for arm in done if arm not in (base, "plain")]                     # plain - geo: see geo - plain
+    pairs += [(arm, arm[:-3]) for arm in done if arm.endswith("seq") and arm[:-3] in done]
     out = []
-    for base in ("plain", "geo"):
-        for arm in (a for a in done if a not in (base, "plain") and base in done):   # plain - geo: see geo - plain
-            seeds = sorted(set(done[arm]) & set(done[base]))
-            if not seeds:
+    for arm, base in pairs:
+        seeds = sorted(set(done[arm]) & set(done[base]))
+        for key, words in keys if seeds else ():
+            if key == "sampled_acc" and ARMS[arm][1] == ARMS[base][1] == "0":    # min_p = 0: same as unpruned
                 continue
-            for key, words in keys:
-                d = [run_summary(done[arm][s])[key] - run_summary(done[base][s])[key] for s in seeds]
-                m, lo, hi = t_interval(d) if len(d) > 1 else (d[0], None, None)
-                out.append(f"- {ARMS[arm][0]} minus {ARMS[base][0]}, {words}, seeds {seeds}: "
-                           + ", ".join(f"{x:+.3f}" for x in d) + f" (mean {m:+.3f}"
-                           + (f", paired 95 % t-interval {lo:+.3f} to {hi:+.3f})" if lo is not None else ")"))
+            d = [run_summary(done[arm][s])[key] - run_summary(done[base][s])[key] for s in seeds]
+            m, lo, hi = t_interval(d) if len(d) > 1 else (d[0], None, None)
+            out.append(f"- {ARMS[arm][0]} minus {ARMS[base][0]}, {words}, seeds {seeds}: "
+                       + ", ".join(f"{x:+.3f}" for x in d) + f" (mean {m:+.3f}"
+                       + (f", paired 95 % t-interval {lo:+.3f} to {hi:+.3f})" if lo is not None else ")"))
     return ["", "Paired differences (same seed, same prompts):"] + out if out else []
 
 
