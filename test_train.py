@@ -988,8 +988,10 @@ def test_sweep_table_gives_each_deltas_accuracy_at_every_evaluation_and_its_fall
     monkeypatch.setattr(evidence, "ROOT", tmp_path)
     runs = {0.0: ([0.2, 0.6, 0.7], [0.1, 0.5, 0.6], [0.5] * 20),
             1.0: ([0.2, 0.8, 0.5], [0.1, 0.7, 0.4], [0.1 * i for i in range(10)] + [0.9 - 0.05 * i for i in range(10)])}
-    for delta, (greedy, sampled, rewards) in runs.items():
-        d = tmp_path / "runs" / ("compare-stress" + (f"-noise{delta:g}" if delta else "")) / "seed0" / "plain"
+    runs[(1.0, 1)] = ([0.3, 0.4, 0.5], [0.2, 0.3, 0.4], [0.5] * 20)  # seed 1, not in --seeds: listed too
+    for key, (greedy, sampled, rewards) in runs.items():
+        delta, seed = key if isinstance(key, tuple) else (key, 0)
+        d = tmp_path / "runs" / ("compare-stress" + (f"-noise{delta:g}" if delta else "")) / f"seed{seed}" / "plain"
         d.mkdir(parents=True)
         recs = [{"kind": "train", "step": i + 1, "reward": r, "grad_norm": 1.0, "kl_k3": 0.01 if i < 10 else 0.02,
                  "seq_rejected_frac": 0.0, "out_of_set_frac": 0.0, "time_generate": 1.0, "time_train": 2.0,
@@ -1004,7 +1006,9 @@ def test_sweep_table_gives_each_deltas_accuracy_at_every_evaluation_and_its_fall
     assert lines[4] == "| 0 | 0 | 0.200 0.600 0.700 | 0.000 | 0.100 0.500 0.600 | 0.000 | 0.500 / 0.500 / 0.500 | " \
                        "1.0e-02 / 2.0e-02 | 1 |", lines[4]
     assert lines[5].startswith("| 1 | 0 | 0.200 0.800 0.500 | 0.300 | 0.100 0.700 0.400 | 0.300 | 0.200 / "), lines[5]
-    assert lines[6].startswith("| 2 | 0 | (not finished)"), "a delta without a finished run says so"
+    assert lines[6].startswith("| 1 | 1 | 0.300 0.400 0.500 | 0.000 |"), "a seed on disk beyond --seeds"
+    assert lines[7].startswith("| 2 | 0 | (not finished)"), "a delta without a finished run says so"
+    assert len(lines) == 8
 
 
 def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):

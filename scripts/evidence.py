@@ -347,8 +347,9 @@ def sweep(args):
 
 
 def sweep_table(args):
-    """Markdown lines: per delta and seed, held-out greedy and sampled accuracy at every evaluation,
-    best-to-end drops, train reward (5-step means) at the start, best and end, and mean K3 KL."""
+    """Markdown lines: per delta and seed (those of --seeds, and any other seed with a plain GRPO run on
+    disk at that delta), held-out greedy and sampled accuracy at every evaluation, best-to-end drops,
+    train reward (5-step means) at the start, best and end, and mean K3 KL."""
     evals = list(range(0, args.steps + 1, args.eval_every))
     lines = [f"Plain GRPO under engine noise delta, {args.steps} steps x 4 prompts x 8 samples, lr 2e-5, "
              "bf16 KV cache, bf16 trainer (float32 LM head), "
@@ -359,7 +360,8 @@ def sweep_table(args):
     for delta in args.deltas:
         args.engine_noise = delta
         runs = ROOT / "runs" / f"compare{tag_of(args)}"
-        for seed in args.seeds:
+        on_disk = {int(p.parent.parent.name[len("seed"):]) for p in runs.glob("seed*/plain/metrics.jsonl")}
+        for seed in sorted(set(args.seeds) | on_disk):
             recs = read(runs / f"seed{seed}" / "plain" / "metrics.jsonl")
             if not finished(recs, args.steps):
                 lines.append(f"| {delta:g} | {seed} | (not finished) |||||||")
