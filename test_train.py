@@ -1063,6 +1063,8 @@ def test_compare_summary_reads_seeds_and_computes_the_table_cells(tmp_path):
     assert [x.split(",")[0] for x in lines[2:]] == [                             # own sampler: only where one prunes
         "- TIS (C=2) minus plain GRPO", "- DVP (rho=0.1) minus plain GRPO", "- DVP (rho=0.1) minus plain GRPO",
         "- DVP-sequence (rho=0.1) minus plain GRPO", "- DVP-sequence (rho=0.1) minus plain GRPO",
+        "- DVP (rho=0.1) minus TIS (C=2)", "- DVP (rho=0.1) minus TIS (C=2)",          # TIS - plain: listed once
+        "- DVP-sequence (rho=0.1) minus TIS (C=2)", "- DVP-sequence (rho=0.1) minus TIS (C=2)",
         "- DVP-sequence (rho=0.1) minus DVP (rho=0.1)", "- DVP-sequence (rho=0.1) minus DVP (rho=0.1)"], lines
     assert lines[-2].startswith("- DVP-sequence (rho=0.1) minus DVP (rho=0.1), end, seeds [0, 1]: +0.150, +0.150")
     (tmp_path / "seed1" / "plain" / "args.json").write_text(json.dumps({"trainer_dtype": "float32"}))
