@@ -347,8 +347,8 @@ def sweep(args):
 
 
 def sweep_table(args):
-    """Markdown lines: per delta and seed (those of --seeds, and any other seed with a plain GRPO run on
-    disk at that delta), held-out greedy and sampled accuracy at every evaluation, best-to-end drops,
+    """Markdown lines: per delta and seed (those of --seeds, and any other seed with a run on disk at that
+    delta), held-out greedy and sampled accuracy at every evaluation, best-to-end drops,
     train reward (5-step means) at the start, best and end, and mean K3 KL."""
     evals = list(range(0, args.steps + 1, args.eval_every))
     lines = [f"Plain GRPO under engine noise delta, {args.steps} steps x 4 prompts x 8 samples, lr 2e-5, "
@@ -360,8 +360,7 @@ def sweep_table(args):
     for delta in args.deltas:
         args.engine_noise = delta
         runs = ROOT / "runs" / f"compare{tag_of(args)}"
-        on_disk = {int(p.parent.parent.name[len("seed"):]) for p in runs.glob("seed*/plain/metrics.jsonl")}
-        for seed in sorted(set(args.seeds) | on_disk):
+        for seed in sorted(set(args.seeds) | set(seeds_on_disk(runs))):
             recs = read(runs / f"seed{seed}" / "plain" / "metrics.jsonl")
             if not finished(recs, args.steps):
                 lines.append(f"| {delta:g} | {seed} | (not finished) |||||||")
