@@ -493,7 +493,8 @@ def paired_differences(done, keys=(("unpruned_acc", "end accuracy"),)):
     of a DVP-sequence arm minus token-level DVP at its rho (the out-of-set choice), seed by seed (the same
     prompts), for each (key of run_summary, words) in `keys` (default: the end accuracy, held-out,
     unpruned sampler; the own-sampler key only where one arm prunes), with the paired Student-t 95 %
-    interval of the mean from 2 seeds on: the comparison that decides separation (an interval that holds 0 detects none)."""
+    interval of the mean from 2 seeds on: the comparison that decides separation (an interval that
+    holds 0 detects none)."""
     bases = [b for b in ("plain", "geo", "tis") if b in done]
     pairs = [(arm, base) for i, base in enumerate(bases)
              for arm in done if arm != base and arm not in bases[:i]]         # geo - plain, never plain - geo
